@@ -1,0 +1,146 @@
+"""Multi-head latent attention (DeepSeek-V3 report, section 2.1.1, eqs. 1-11).
+
+Keys and values are compressed jointly into a `d_latent` vector per token (plus one rotary key
+shared by all heads); queries optionally go through their own low-rank bottleneck. Two forms:
+
+* training form: decompress per-head keys/values and run `scaled_dot_product_attention`;
+* absorbed form: fold the key up-projection into the query and the value up-projection into the
+  output, so attention runs directly against the latent cache (what decoding stores).
+
+Both give the same result; a test checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_deepseek.config import MLAConfig
+from lit_deepseek.model.norm import RMSNorm
+from lit_deepseek.model.rope import apply_rotary, softmax_scale
+
+#: epsilon of the two latent norms (fixed in DeepSeek's and Hugging Face's implementations)
+LATENT_NORM_EPS = 1e-6
+
+
+@dataclass
+class LatentKVCache:
+    """Per-layer decoding cache: the normed KV latent and the rotated shared key of each position."""
+
+    kv_latent: Tensor  # [B, T_max, d_latent]
+    k_rope: Tensor  # [B, T_max, qk_rope_head_dim]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, mla: MLAConfig, batch: int, max_length: int, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float32) -> LatentKVCache:
+        return cls(torch.zeros(batch, max_length, mla.d_latent, device=device, dtype=dtype),
+                   torch.zeros(batch, max_length, mla.qk_rope_head_dim, device=device, dtype=dtype))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA with decoupled RoPE; parameter names follow DeepSeek's checkpoint layout."""
+
+    def __init__(self, mla: MLAConfig) -> None:
+        super().__init__()
+        self.mla = mla
+        d, h = mla.d_model, mla.num_heads
+        self.num_heads = h
+        self.qk_nope_head_dim, self.qk_rope_head_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim
+        self.v_head_dim, self.d_latent = mla.v_head_dim, mla.d_latent
+        if mla.d_q_latent > 0:
+            self.q_a_proj = nn.Linear(d, mla.d_q_latent, bias=False)
+            self.q_a_layernorm = RMSNorm(mla.d_q_latent, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(mla.d_q_latent, h * mla.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, h * mla.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, mla.d_latent + mla.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(mla.d_latent, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(mla.d_latent, h * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * mla.v_head_dim, d, bias=False)
+        self.softmax_scale = softmax_scale(mla)
+
+    # ------------------------------------------------------------------ pieces
+    def _queries(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        b, s, _ = x.shape
+        if self.mla.d_q_latent > 0:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(b, s, self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rotary(q_rope, cos, sin)
+
+    def _latents(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Normed KV latent [B, S, d_latent] and rotated shared key [B, S, R]."""
+        kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.d_latent, self.qk_rope_head_dim], dim=-1)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        return self.kv_a_layernorm(kv_latent), k_rope
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: LatentKVCache | None = None, absorb: bool = False) -> Tensor:
+        """x [B, S, D]; cos/sin [1 or B, S, R/2] for the absolute positions of x; mask [B, 1, S, S_kv]
+        bool (True = attend) or None for causal. With a cache, x's latents are appended to it and
+        attention covers everything cached so far (absorbed form)."""
+        q_nope, q_rope = self._queries(x, cos, sin)
+        kv_latent, k_rope = self._latents(x, cos, sin)
+        if cache is not None:
+            start, end = cache.length, cache.length + x.shape[1]
+            cache.kv_latent[:, start:end] = kv_latent.to(cache.kv_latent.dtype)
+            cache.k_rope[:, start:end] = k_rope.to(cache.k_rope.dtype)
+            cache.length = end
+            kv_latent = cache.kv_latent[:, :end].to(x.dtype)
+            k_rope = cache.k_rope[:, :end].to(x.dtype)
+            if mask is None and x.shape[1] > 1:
+                mask = _causal_mask(x.shape[1], end, x.device)
+            return self._absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
+        if absorb:
+            if mask is None:
+                mask = _causal_mask(x.shape[1], x.shape[1], x.device)
+            return self._absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
+        return self._decompressed(q_nope, q_rope, kv_latent, k_rope, mask)
+
+    def _decompressed(self, q_nope: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor,
+                      mask: Tensor | None) -> Tensor:
+        b, s, h, _ = q_nope.shape
+        kv = self.kv_b_proj(kv_latent).view(b, s, h, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope[:, :, None, :].expand(b, s, h, self.qk_rope_head_dim)), dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, h * self.v_head_dim))
+
+    def _absorbed(self, q_nope: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor,
+                  mask: Tensor | None) -> Tensor:
+        b, s, h, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.d_latent)
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
+        scores = (torch.einsum("bshc,btc->bhst", q_latent, kv_latent)
+                  + torch.einsum("bshr,btr->bhst", q_rope, k_rope)) * self.softmax_scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(q_nope.dtype)
+        out_latent = torch.einsum("bhst,btc->bshc", probs, kv_latent)
+        out = torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
+        return self.o_proj(out.reshape(b, s, h * self.v_head_dim))
+
+
+def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> Tensor:
+    """[1, 1, q_len, kv_len] bool: query i (at absolute position kv_len - q_len + i) sees keys <= it."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return (torch.arange(kv_len, device=device)[None, :] <= q_pos)[None, None]
+
+
+def document_mask(doc_ids: Tensor) -> Tensor:
+    """[B, 1, S, S] bool: causal and within the same document id."""
+    s = doc_ids.shape[1]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same & causal)[:, None]
