@@ -340,6 +340,28 @@ class DeepSeekConfig:
         unselected routed experts (the embedding row lookup is not counted)."""
         return self.param_breakdown()["main_active"]
 
+    def matmul_params_per_token(self) -> int:
+        """Active parameters used in matrix multiplies per token (main model and MTP modules):
+        the output head counts, the embedding lookup does not."""
+        m = self.model
+        b = self.param_breakdown()
+        n = b["main_active"] - b["norms"]
+        if m.mtp_depth:
+            d = m.mla.d_model
+            block = _block_params(m, moe_layer=m.num_layers > m.first_dense_layers)
+            per_module = (2 * d * d + block["attention"] + block["dense_ffn"] + block["shared_experts"]
+                          + block["router"] + block["active_routed"] + m.vocab_size * d)
+            n += m.mtp_depth * per_module
+        return n
+
+    def flops_per_token(self, seq_length: Optional[int] = None) -> float:
+        """Training FLOPs per token: 6 x matmul parameters plus causal attention (half of full)."""
+        s = seq_length or self.training.seq_length
+        a = self.model.mla
+        layers = self.model.num_layers + self.model.mtp_depth
+        attention = 6 * layers * a.num_heads * (a.qk_head_dim + a.v_head_dim) * s / 2
+        return 6 * self.matmul_params_per_token() + attention
+
     def validate(self, world_size: Optional[int] = None) -> None:
         validate_config(self, world_size)
 
@@ -768,7 +790,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
             docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
     return docs

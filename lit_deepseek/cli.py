@@ -1,0 +1,225 @@
+"""The `lit-deepseek` command line: a LightningCLI whose config sections are the spec's.
+
+`fit`, `validate` and `test` parse `model` (with `mla`, `moe`), `parallel`, `training`, `data`,
+`checkpoint` and `logging` into the typed dataclasses of `lit_deepseek.config`, validate the whole
+config against the world size before anything expensive happens, and then build the
+LightningModule, DataModule, strategy, callbacks and MLflow logger from them. Lightning's own
+`trainer:` section stays available for everything else (devices, num_nodes, accelerator, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional
+
+from jsonargparse import Namespace, set_parsing_settings
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lit_deepseek.config import (
+    CheckpointConfig,
+    DataConfig,
+    DeepSeekConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    TrainingConfig,
+    from_dict,
+    validate_config,
+)
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig, "data": DataConfig,
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+
+# Trainer arguments that the spec's sections decide (a value set in `trainer:` that differs from
+# Lightning's default still wins).
+_DERIVED_TRAINER_KEYS = ("max_steps", "precision", "log_every_n_steps", "val_check_interval", "limit_val_batches",
+                         "deterministic", "default_root_dir", "enable_progress_bar", "check_val_every_n_epoch",
+                         "num_sanity_val_steps")
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Parse errors as one line naming the key and the rule, without the usage dump."""
+
+    def error(self, message: str, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if getattr(self, "exit_on_error", True) is False:
+            return super().error(message, *args, **kwargs)
+        text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+        print(f"lit-deepseek: error: {text}", file=sys.stderr)
+        sys.exit(2)
+
+
+class LitDeepSeekCLI(LightningCLI):
+    """LightningCLI with the spec's sections as typed groups."""
+
+    def __init__(self, args: Optional[list[str]] = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=None,
+            datamodule_class=None,
+            save_config_callback=None,
+            seed_everything_default=False,
+            parser_class=OneLineErrorParser,
+            auto_configure_optimizers=False,
+            load_from_checkpoint_support=False,
+            args=args,
+            run=run,
+            parser_kwargs={"prog": "lit-deepseek", "env_prefix": "LIT_DEEPSEEK"},
+        )
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(Trainer, "trainer")
+        for name, cls in SECTIONS.items():
+            parser.add_class_arguments(cls, name, help=cls.__doc__)
+
+    def _parse_ckpt_path(self) -> None:
+        """Hyperparameters come from the config files, not from the checkpoint."""
+
+    def _section_dict(self, ns: Namespace) -> dict[str, Any]:
+        return {name: _to_plain(ns.get(name)) for name in SECTIONS}
+
+    def before_instantiate_classes(self) -> None:
+        ns = self.config.get(str(self.subcommand), self.config)
+        self.deepseek_config = from_dict(self._section_dict(ns))
+        trainer_ns = _to_plain(ns.get("trainer")) or {}
+        self.world_size = resolve_world_size(trainer_ns)
+        validate_config(self.deepseek_config, self.world_size)
+
+    def instantiate_classes(self) -> None:
+        from lit_deepseek.data.datamodule import DeepSeekDataModule
+        from lit_deepseek.training.callbacks import (
+            AtomicCheckpointIO,
+            ExpertLoadHeatmap,
+            TrackConfig,
+            build_mlflow_logger,
+            checkpoint_callbacks,
+            checkpoint_dir,
+        )
+        from lit_deepseek.training.module import DeepSeekLightningModule
+
+        cfg = self.deepseek_config
+        t, lg = cfg.training, cfg.logging
+        ns = self.config.get(str(self.subcommand), self.config)
+        trainer_cfg = _to_plain(ns.get("trainer")) or {}
+        resume = bool(ns.get("ckpt_path"))
+
+        self.model = DeepSeekLightningModule(cfg.model, cfg.training, cfg.parallel, lg.peak_tflops)
+        self.datamodule = DeepSeekDataModule(
+            data=cfg.data, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size, seed=t.seed if cfg.data.seed is None else cfg.data.seed,
+            val_batches=t.val_batches,
+        )
+        derived = {
+            "max_steps": t.max_steps,
+            "precision": t.precision,
+            "log_every_n_steps": lg.log_every_n_steps,
+            "val_check_interval": t.val_every_n_steps,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": t.val_batches,
+            "deterministic": True if t.deterministic else None,
+            "default_root_dir": lg.run_dir,
+            "enable_progress_bar": lg.progress_bar,
+            "num_sanity_val_steps": 0,
+        }
+        trainer_defaults = _trainer_defaults()
+        config = dict(trainer_cfg)
+        for key in _DERIVED_TRAINER_KEYS:
+            if config.get(key, trainer_defaults.get(key)) == trainer_defaults.get(key):
+                config[key] = derived[key]
+        config.pop("callbacks", None)
+        user_logger = config.pop("logger", None)
+        callbacks: list[Any] = checkpoint_callbacks(cfg.checkpoint, checkpoint_dir(cfg))
+        callbacks.append(TrackConfig(cfg, trainer_cfg))
+        callbacks.append(ExpertLoadHeatmap(lg.heatmap_every_n_steps, out_dir=os.path.join(lg.run_dir, "plots")))
+        config["callbacks"] = callbacks
+        if user_logger is False:
+            config["logger"] = False
+        else:
+            config["logger"] = build_mlflow_logger(lg, resume=resume)
+        strategy = build_strategy(cfg, self.world_size, config.get("strategy", "auto"))
+        if strategy is not None:
+            config["strategy"] = strategy
+        plugins = config.get("plugins") or []
+        if not isinstance(plugins, list):
+            plugins = [plugins]
+        if strategy is None:
+            plugins.append(AtomicCheckpointIO())
+        config["plugins"] = plugins or None
+        self.trainer = Trainer(**config)
+
+
+def build_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> Any:
+    """Our parallel strategy whenever more than one process or any model parallelism is asked for."""
+    p = cfg.parallel
+    if requested not in (None, "auto"):
+        return None
+    if world_size == 1 and p.model_parallel_size() == 1:
+        return None
+    from lit_deepseek.parallel.strategy import DeepSeekStrategy
+
+    return DeepSeekStrategy(config=cfg)
+
+
+def resolve_world_size(trainer_cfg: dict[str, Any]) -> int:
+    """World size from torchrun/SLURM variables, else trainer.devices x trainer.num_nodes."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    num_nodes = int(trainer_cfg.get("num_nodes") or 1)
+    devices = trainer_cfg.get("devices", "auto")
+    accelerator = str(trainer_cfg.get("accelerator") or "auto")
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        n = devices
+    elif isinstance(devices, str) and devices.isdigit() and int(devices) > 0:
+        n = int(devices)
+    elif isinstance(devices, str) and "," in devices:
+        n = len([d for d in devices.split(",") if d.strip()])
+    else:  # "auto" or -1: every accelerator of the kind that will be used
+        import torch
+
+        use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        n = torch.cuda.device_count() if use_cuda else 1
+    return n * num_nodes
+
+
+def _trainer_defaults() -> dict[str, Any]:
+    import inspect
+
+    return {k: v.default for k, v in inspect.signature(Trainer.__init__).parameters.items()
+            if v.default is not inspect.Parameter.empty}
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Namespace):
+        return {k: _to_plain(v) for k, v in vars(value).items() if not k.startswith("__")}
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def summary_main(argv: list[str]) -> int:
+    """`lit-deepseek summary --config FILE [--config OVERRIDE] [--world_size N] [--key.path value ...]`."""
+    import argparse
+
+    import yaml
+
+    from lit_deepseek.config import load_config
+
+    parser = argparse.ArgumentParser(prog="lit-deepseek summary", description="Print parameters, layout and memory.")
+    parser.add_argument("--config", "-c", action="append", required=True, help="YAML config (repeatable)")
+    parser.add_argument("--world_size", type=int, default=None, help="Validate the layout against this world size")
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    it = iter(rest)
+    for key in it:
+        if not key.startswith("--"):
+            parser.error(f"unexpected argument {key}")
+        overrides[key[2:]] = yaml.safe_load(next(it, "null"))
+    cfg = load_config(*args.config, overrides=overrides, world_size=args.world_size)
+    cfg.print_summary(args.world_size)
+    return 0

@@ -1,0 +1,59 @@
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lit_deepseek.config import TrainingConfig
+
+
+def param_groups(parts: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Decay on weight matrices; none on norms, biases and any vector (the router bias is a buffer)."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for part in parts:
+        for name, p in part.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.ndim < 2 or "norm" in name or name.endswith(".bias"):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(parts: list[nn.Module], cfg: TrainingConfig, plan: Optional[Any] = None) -> torch.optim.Optimizer:
+    """AdamW over the model parts; a plan may wrap it (e.g. ZeRO-1 optimizer-state sharding)."""
+    groups = param_groups(parts, cfg.weight_decay)
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    make = getattr(plan, "build_optimizer", None)
+    if make is not None:
+        return make(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def lr_multiplier(step: int, cfg: TrainingConfig) -> float:
+    """Learning rate at `step` as a fraction of the peak: linear warmup, then cosine / WSD / constant."""
+    floor = cfg.min_learning_rate / cfg.learning_rate if cfg.learning_rate else 0.0
+    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    decay_steps = max(1, cfg.max_steps - cfg.lr_warmup_steps)
+    progress = min(1.0, (step - cfg.lr_warmup_steps) / decay_steps)
+    if cfg.lr_schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    # warmup-stable-decay: constant, then a linear decay over the last lr_decay_fraction of training
+    decay_start = 1.0 - cfg.lr_decay_fraction
+    if progress <= decay_start:
+        return 1.0
+    return 1.0 - (1.0 - floor) * (progress - decay_start) / max(cfg.lr_decay_fraction, 1e-12)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
