@@ -127,6 +127,16 @@ class MoE(nn.Module):
         self.last_drop_rate: Tensor | None = None
 
     # ------------------------------------------------------------------ housekeeping
+    def _apply(self, fn: Any, recurse: bool = True) -> MoE:
+        """Keep the router bias and load statistics in float32 when the module is cast
+        (a bias step of 1e-3 would vanish in bf16)."""
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "expert_load", "routed_tokens", "dropped_tokens"):
+            buf = getattr(self, name)
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
     def reset_stats(self) -> None:
         """Zero the accumulated expert loads and drop counters."""
         self.expert_load.zero_()
@@ -194,7 +204,8 @@ class MoE(nn.Module):
         weights, ids, scores = self.route(x_flat)
 
         flat_ids = ids.reshape(-1)
-        counts = torch.bincount(flat_ids, minlength=e)
+        # scatter_add rather than bincount: no device-to-host sync on CUDA
+        counts = torch.zeros(e, dtype=torch.long, device=x.device).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
         if not is_recomputing():
             self.expert_load += counts.to(self.expert_load.dtype)
             self.routed_tokens += n * k

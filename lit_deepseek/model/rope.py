@@ -9,6 +9,7 @@ so attention scores are identical.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +78,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.empty(mla.max_context_length, half), persistent=False)
         self.register_buffer("sin", torch.empty(mla.max_context_length, half), persistent=False)
         self.reset_parameters()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
+        """Keep the tables in float32 when the model is cast; they are cast at use."""
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = self.cos.float(), self.sin.float()
+        return self
 
     def reset_parameters(self) -> None:
         if self.cos.device.type == "meta":

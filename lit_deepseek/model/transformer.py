@@ -131,7 +131,8 @@ class DeepSeekV3(nn.Module):
             x, input_ids = input_ids, None
         else:
             x = self.embed(input_ids)
-        b, s = x.shape[:2]
+        # token ids give the full length even when x holds a sequence shard (sequence parallelism)
+        b, s = (input_ids if input_ids is not None else x).shape[:2]
         start = caches[0].length if caches else 0
         if start + s > self.cfg.mla.max_context_length:
             raise ValueError(f"sequence of {start + s} tokens exceeds model.mla.max_context_length "
