@@ -73,11 +73,12 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 
 
 def make_dm(folder: Path, seq_length: int = 32, micro: int = 2, global_batch: int = 8, seed: int = 7,
-            dp: tuple[int, int] = (0, 1), **data_kw: object) -> DeepSeekDataModule:
+            dp: tuple[int, int] | None = (0, 1), **data_kw: object) -> DeepSeekDataModule:
     data = DataConfig(train_shards=str(folder / "train-*.tar"), val_shards=str(folder / "val-*.tar"), **data_kw)
     dm = DeepSeekDataModule(data, seq_length=seq_length, micro_batch_size=micro, global_batch_size=global_batch,
                             seed=seed, val_batches=4)
-    dm.set_data_parallel(*dp)
+    if dp is not None:
+        dm.set_data_parallel(*dp)
     return dm
 
 
@@ -290,8 +291,7 @@ def test_lightning_checkpoint_resume_is_exact(shards: tuple[Path, list[str]], tm
 
     def fit(max_steps: int, ckpt: str | None = None, save: str | None = None) -> list[torch.Tensor]:
         module = _Recorder.build()
-        dm = make_dm(folder, num_workers=1)
-        dm._dp = None  # default: the trainer's rank and world size
+        dm = make_dm(folder, dp=None, num_workers=1)  # the trainer's rank and world size
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=4,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, limit_val_batches=0)
@@ -304,8 +304,11 @@ def test_lightning_checkpoint_resume_is_exact(shards: tuple[Path, list[str]], tm
     ckpt = str(tmp_path / "step3.ckpt")
     first = fit(3, save=ckpt)
     assert torch.load(ckpt, weights_only=False)["DeepSeekDataModule"]["consumed_tokens"] == 3 * 8 * 32
-    second = fit(5, ckpt=ckpt)
+    second = fit(5, ckpt=ckpt, save=str(tmp_path / "step5.ckpt"))
+    assert len(whole) == 5 * 4 and len(first) == 3 * 4
     assert torch.equal(torch.cat(first + second), torch.cat(whole))
+    state = torch.load(tmp_path / "step5.ckpt", weights_only=False)["DeepSeekDataModule"]
+    assert state["consumed_tokens"] == 5 * 8 * 32 and state["global_step"] == 5
 
 
 # --------------------------------------------------------------------------------------------
