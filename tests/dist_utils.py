@@ -1,0 +1,220 @@
+"""Run a function in N real processes joined by a gloo process group on CPU.
+
+Every test that needs torch.distributed uses `run_distributed`: a free TCP port, one process per
+rank, a hard timeout (a hung collective fails the test instead of hanging the suite), and each
+rank's return value handed back to the test.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple, init_pg: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    result: Any
+    try:
+        if init_pg:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = ("ok", fn(rank, world_size, *args))
+    except BaseException:  # noqa: B036 - report every failure to the parent
+        result = ("error", traceback.format_exc())
+    finally:
+        if init_pg and dist.is_initialized():
+            dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120.0,
+                    init_process_group: bool = True) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on `world_size` gloo ranks; return the results by rank.
+
+    `fn` must be importable (a module-level function). Raises with the first rank's traceback when
+    any rank fails, and kills all ranks when the timeout passes.
+    """
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_worker, args=(fn, world_size, port, out_dir, args, init_process_group),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed run of {fn.__name__} on {world_size} ranks exceeded {timeout_s} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        results = []
+        for rank in range(world_size):
+            path = os.path.join(out_dir, f"rank{rank}.pkl")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {rank} of {fn.__name__} produced no result")
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} of {fn.__name__} failed:\n{value}")
+            results.append(value)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# A few training steps under a layout, and the same steps on one process (the reference)
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_run_config(parallel: dict | None = None, model: dict | None = None, steps_batch: int = 8,
+                    micro_batch_size: int = 1, seq_length: int = 16) -> Any:
+    """A DeepSeekConfig for a tiny model that trains in well under a second per step on CPU."""
+    from conftest import tiny_model_config
+
+    from lit_deepseek.config import DeepSeekConfig, ParallelConfig, TrainingConfig
+
+    mcfg = tiny_model_config(**(model or {}))
+    tcfg = TrainingConfig(global_batch_size=steps_batch, micro_batch_size=micro_batch_size, learning_rate=3e-3,
+                          min_learning_rate=3e-3, lr_warmup_steps=0, lr_schedule="constant", grad_clip=0.5,
+                          weight_decay=0.1, seq_length=seq_length, precision="32-true", loss_chunk_size=24)
+    return DeepSeekConfig(model=mcfg, parallel=ParallelConfig(**(parallel or {})), training=tcfg)
+
+
+def step_batches(cfg: Any, steps: int, seed: int = 0) -> list[dict]:
+    """The global batch of each step (the same for every layout)."""
+    g = torch.Generator().manual_seed(seed)
+    t, v = cfg.training, cfg.model.vocab_size
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, v, (t.global_batch_size, t.seq_length + 1), generator=g)
+        out.append({"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()})
+    return out
+
+
+def _loss_fn(cfg: Any) -> Callable:
+    from lit_deepseek.training.loss import model_loss
+
+    def loss_fn(model: Any, h: Any, mtp: list, labels: Any) -> Any:
+        return model_loss(model.head.weight, h, mtp, labels, cfg.model.mtp_loss_weight, cfg.training.loss_chunk_size)
+
+    return loss_fn
+
+
+def train_steps(cfg: Any, plan: Any, steps: int, data_rank: int = 0, data_size: int = 1) -> tuple[list, Any]:
+    """The LightningModule's step, spelled out: forward/backward, clip, AdamW, expert-bias update.
+
+    Returns (per-step [total, main, mtp, grad_norm], the parallelised model).
+    """
+    from lit_deepseek.model import DeepSeekV3
+    from lit_deepseek.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg.model)
+    model.init_weights(seed=cfg.training.seed)
+    model = plan.parallelize(model)
+    parts = plan.model_parts(model)
+    optimizer = build_optimizer(parts, cfg.training, plan)
+    loss_fn = _loss_fn(cfg)
+    history = []
+    for batch in step_batches(cfg, steps):
+        rows = batch["input_ids"].shape[0] // data_size
+        local = {k: v[data_rank * rows:(data_rank + 1) * rows] for k, v in batch.items()}
+        out = plan.forward_backward(model, local, cfg.training.micro_batch_size, loss_fn)
+        params = [p for part in parts for p in part.parameters()]
+        norm = plan.clip_grad_norm(params, cfg.training.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        moes = [m for part in parts for m in (part.moe_layers() if hasattr(part, "moe_layers") else [])]
+        if moes:
+            loads = plan.all_reduce_expert_load(torch.stack([m.expert_load.float() for m in moes]))
+            for moe, load in zip(moes, loads, strict=True):
+                moe.update_bias(load, 0.01)
+                moe.reset_stats()
+        history.append([float(out.total), float(out.main), float(out.mtp or 0.0), float(norm)])
+    return history, model
+
+
+def full_weights(plan: Any, model: Any) -> dict[str, Tensor]:
+    """Every parameter and buffer this rank holds, as full tensors under single-process names.
+
+    DTensors are gathered; routed experts are gathered over the EP group to all E experts.
+    """
+    from torch.distributed.tensor import DTensor
+
+    parts = plan.model_parts(model)
+    out: dict[str, Tensor] = {}
+    for part in parts:
+        for name, t in list(part.named_parameters()) + list(part.named_buffers()):
+            if name.endswith(("expert_load", "routed_tokens", "dropped_tokens")) or ".rope." in f".{name}":
+                continue
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+            full = full.detach().clone()
+            if ".experts." in f".{name}" and getattr(plan, "layout", None) is not None and plan.layout.ep > 1:
+                pieces = [torch.empty_like(full) for _ in range(plan.layout.ep)]
+                dist.all_gather(pieces, full.contiguous(), group=plan.ep_group)
+                full = torch.cat(pieces)
+            out[name] = full
+    return out
+
+
+def reference_run(cfg: Any, steps: int) -> tuple[list, dict[str, Tensor]]:
+    """The single-process run: LocalPlan, gradient accumulation over the whole global batch."""
+    from lit_deepseek.training.step import LocalPlan
+
+    plan = LocalPlan()
+    history, model = train_steps(cfg, plan, steps)
+    weights = {n: t.detach().clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if not n.endswith(("expert_load", "routed_tokens", "dropped_tokens")) and ".rope." not in f".{n}"}
+    return history, weights
+
+
+def distributed_run(rank: int, world_size: int, cfg: Any, steps: int) -> tuple[list, dict[str, Tensor], dict]:
+    """One rank of a layout run: returns (history, full weights held here, mesh coordinate)."""
+    from lit_deepseek.parallel.mesh import build_mesh
+    from lit_deepseek.parallel.plan import DistributedPlan
+
+    cfg.validate(world_size)
+    mesh = build_mesh(cfg.parallel, world_size, "cpu")
+    plan = DistributedPlan(cfg, mesh)
+    history, model = train_steps(cfg, plan, steps, plan.data_parallel_rank, plan.data_parallel_size)
+    return history, full_weights(plan, model), plan.coordinate
+
+
+def compare(reference: tuple[list, dict], results: list) -> tuple[float, float]:
+    """(max relative loss difference, max relative weight difference) over steps, ranks, tensors."""
+    ref_hist, ref_w = reference
+    loss_diff = 0.0
+    weight_diff = 0.0
+    seen: set[str] = set()
+    for hist, weights, _ in results:
+        for ref_step, step in zip(ref_hist, hist, strict=True):
+            for a, b in zip(ref_step[:3], step[:3], strict=True):
+                loss_diff = max(loss_diff, abs(a - b) / max(abs(a), 1e-12))
+        for name, w in weights.items():
+            ref = ref_w[name]
+            assert ref.shape == w.shape, f"{name}: {tuple(w.shape)} vs reference {tuple(ref.shape)}"
+            denom = ref.float().norm().item() or 1.0
+            weight_diff = max(weight_diff, (w.float() - ref.float()).norm().item() / denom)
+            seen.add(name)
+    missing = set(ref_w) - seen
+    assert not missing, f"no rank holds {sorted(missing)[:5]}"
+    return loss_diff, weight_diff
