@@ -191,9 +191,10 @@ class TokenStream:
         self.next_shard = 0
         self.epoch_tokens = 1
         self.docs: Optional[Iterator[np.ndarray]] = None
-        self.doc = np.zeros(0, dtype=np.int64)
-        self.offset = 0
-        self.position = 0  # stream index of self.doc[self.offset]
+        self.doc = np.zeros(0, dtype=np.uint32)  # current document's tokens; EOS follows at index doc.size
+        self.doc_size = 0  # doc.size + 1 (EOS), 0 before the first document
+        self.offset = 0  # index into the current document, EOS included
+        self.position = 0  # stream index of the token at self.offset
         self.doc_number = -1
         self._start_epoch()
 
@@ -222,12 +223,9 @@ class TokenStream:
         if tokens is None:
             self.docs = None
             return False
-        doc = np.empty(tokens.size + 1, dtype=np.int64)
-        doc[:-1] = tokens
-        doc[-1] = self.eos_id
-        self.doc, self.offset = doc, 0
+        self.doc, self.doc_size, self.offset = tokens, tokens.size + 1, 0
         self.doc_number += 1
-        self.epoch_tokens += doc.size
+        self.epoch_tokens += self.doc_size
         return True
 
     def seek(self, position: int) -> None:
@@ -235,7 +233,7 @@ class TokenStream:
         if position < self.position:
             raise ValueError(f"cannot seek backwards from {self.position} to {position}")
         while self.position < position:
-            left = self.doc.size - self.offset
+            left = self.doc_size - self.offset
             if left == 0:
                 if self.docs is None:
                     url = self._upcoming_shard()
@@ -258,12 +256,16 @@ class TokenStream:
         docs = np.empty(n, dtype=np.int64)
         filled = 0
         while filled < n:
-            left = self.doc.size - self.offset
+            left = self.doc_size - self.offset
             if left == 0:
                 self._load_next_document()
                 continue
             step = min(left, n - filled)
-            tokens[filled:filled + step] = self.doc[self.offset:self.offset + step]
+            end = self.offset + step
+            from_doc = min(end, self.doc.size) - self.offset
+            tokens[filled:filled + from_doc] = self.doc[self.offset:self.offset + from_doc]
+            if from_doc < step:  # the step reaches the document's EOS
+                tokens[filled + from_doc] = self.eos_id
             docs[filled:filled + step] = self.doc_number
             filled += step
             self.offset += step
@@ -272,9 +274,9 @@ class TokenStream:
 
     def peek(self) -> int:
         """The next token, without advancing."""
-        while self.offset == self.doc.size:
+        while self.offset == self.doc_size:
             self._load_next_document()
-        return int(self.doc[self.offset])
+        return int(self.doc[self.offset]) if self.offset < self.doc.size else self.eos_id
 
 
 # --------------------------------------------------------------------------------------------
