@@ -57,9 +57,9 @@ class ReplicateParallel(ParallelStyle):
     Replicate placement all-reduces it in backward.
     """
 
-    def __init__(self, input_layout: Placement = Replicate(), use_local_output: bool = True) -> None:
+    def __init__(self, input_layout: Optional[Placement] = None, use_local_output: bool = True) -> None:
         super().__init__()
-        self.input_layout = input_layout
+        self.input_layout = input_layout if input_layout is not None else Replicate()
         self.use_local_output = use_local_output
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
