@@ -399,6 +399,13 @@ def test_tokenizers_json_end_to_end(tmp_path: Path) -> None:
         make_dm(tmp_path / "shards").setup()
 
 
+@pytest.mark.parametrize("eos", ["<｜end▁of▁sentence｜>", "<|endoftext|>", "<eos>"])
+def test_eos_found_among_special_tokens(tmp_path: Path, eos: str) -> None:
+    build_wordlevel(tmp_path / "t.json", eos=eos)
+    tok = load_tokenizer(tmp_path / "t.json")
+    assert tok.decode([tok.eos_id]) == eos
+
+
 def test_tokenizer_without_eos_is_a_clear_error(tmp_path: Path) -> None:
     build_wordlevel(tmp_path / "t.json", eos=None)
     with pytest.raises(ConfigError, match=r"data\.tokenizer: .* no end-of-document token"):
