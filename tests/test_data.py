@@ -73,10 +73,11 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 
 
 def make_dm(folder: Path, seq_length: int = 32, micro: int = 2, global_batch: int = 8, seed: int = 7,
-            dp: tuple[int, int] | None = (0, 1), **data_kw: object) -> DeepSeekDataModule:
+            dp: tuple[int, int] | None = (0, 1), batch_per_step: bool = False, **data_kw: object) -> DeepSeekDataModule:
+    """A DataModule over `folder`'s shards; items are micro-batches unless batch_per_step."""
     data = DataConfig(train_shards=str(folder / "train-*.tar"), val_shards=str(folder / "val-*.tar"), **data_kw)
     dm = DeepSeekDataModule(data, seq_length=seq_length, micro_batch_size=micro, global_batch_size=global_batch,
-                            seed=seed, val_batches=4)
+                            seed=seed, val_batches=4, batch_per_step=batch_per_step)
     if dp is not None:
         dm.set_data_parallel(*dp)
     return dm
@@ -200,14 +201,24 @@ def test_data_parallel_slices_tile_the_global_batch(shards: tuple[Path, list[str
         make_dm(folder, micro=2, global_batch=8, dp=(0, 3))
 
 
+def test_data_parallel_layout_comes_from_the_strategy_plan(shards: tuple[Path, list[str]]) -> None:
+    from types import SimpleNamespace
+
+    folder, _ = shards
+    dm = make_dm(folder, dp=None, batch_per_step=True)
+    assert dm.data_parallel == (0, 1)
+    plan = SimpleNamespace(data_parallel_rank=1, data_parallel_size=2)  # what the parallel strategy exposes
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(plan=plan), global_rank=5, world_size=8, global_step=0)
+    assert dm.data_parallel == (1, 2) and dm.accumulation_steps == 2
+    step = items(dm, 1)[0]["input_ids"]
+    assert torch.equal(step, global_batches(folder, 1, steps=1)[0][4:])  # rank 1's half of the global batch
+
+
 def test_batch_per_step_equals_concatenated_micro_batches(shards: tuple[Path, list[str]]) -> None:
     folder, _ = shards
     for rank in range(2):
         micro = items(make_dm(folder, dp=(rank, 2)), 6)
-        data = DataConfig(train_shards=str(folder / "train-*.tar"))
-        dm = DeepSeekDataModule(data, seq_length=32, micro_batch_size=2, global_batch_size=8, seed=7, batch_per_step=True)
-        dm.set_data_parallel(rank, 2)
-        steps = items(dm, 3)
+        steps = items(make_dm(folder, dp=(rank, 2), batch_per_step=True), 3)
         for k in range(3):
             assert torch.equal(steps[k]["input_ids"], torch.cat([b["input_ids"] for b in micro[2 * k:2 * k + 2]]))
 
@@ -393,6 +404,7 @@ def test_tokenizers_json_end_to_end(tmp_path: Path) -> None:
     data = DataConfig(train_shards=str(tmp_path / "shards" / "train-*.tar"), tokenizer=str(path))
     dm = DeepSeekDataModule(data, seq_length=16, micro_batch_size=2, global_batch_size=2)
     batch = items(dm, 20)
+    assert batch[0]["input_ids"].shape == (2, 16)
     ids = torch.cat([b["input_ids"] for b in batch])
     assert int(ids.max()) == tok.eos_id and (ids == tok.eos_id).any()
     with pytest.raises(ConfigError, match="data.tokenizer"):  # shards made with another tokenizer

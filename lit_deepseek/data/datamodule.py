@@ -17,14 +17,16 @@ One global batch order, whatever the data-parallel size
     ranks x workers is fine (no shard is split). Tensor- and pipeline-parallel peers of one replica
     must get the same data: the parallel strategy calls ``set_data_parallel(rank, size)`` with the
     replica's data-parallel coordinates (EP x DP ranks read different data). Without that call the
-    trainer's global rank / world size are used, else 0 / 1.
+    attached trainer's ``strategy.plan.data_parallel_rank / data_parallel_size`` are used when the
+    strategy has such a plan, else the trainer's global rank / world size, else 0 / 1.
 
 Items
-    Each item is ``{"input_ids": LongTensor[micro, S], "labels": LongTensor[micro, S]}`` plus
-    ``"doc_ids"`` (LongTensor[micro, S], 0 for the first document of each row, +1 at each new
-    document) when ``data.document_mask`` is on. With ``batch_per_step=True`` one item holds all
-    A micro-batches of a step (``[A*micro, S]``, micro-batch m = rows ``m*micro ... (m+1)*micro``)
-    for engines that split a step themselves (pipeline schedules).
+    With ``batch_per_step=True`` (the default: one ``training_step`` = one optimizer step) an item
+    holds this rank's A micro-batches of one step, ``{"input_ids": LongTensor[A*micro, S],
+    "labels": LongTensor[A*micro, S]}`` (micro-batch m = rows ``m*micro ... (m+1)*micro``), plus
+    ``"doc_ids"`` (0 for the first document of each row, +1 at each new document) when
+    ``data.document_mask`` is on. With ``batch_per_step=False`` each item is one micro-batch
+    (``[micro, S]``), for Lightning's automatic optimisation with ``accumulate_grad_batches = A``.
 
 Workers
     With ``data.num_workers = W`` worker w builds items w, w+W, ...; the DataLoader returns items
@@ -350,7 +352,7 @@ class DeepSeekDataModule(pl.LightningDataModule):
     """Webdataset shards -> packed, data-parallel-sliced micro-batches with exact resume."""
 
     def __init__(self, data: DataConfig, seq_length: int, micro_batch_size: int, global_batch_size: int,
-                 seed: int = 1234, val_batches: int = 50, batch_per_step: bool = False):
+                 seed: int = 1234, val_batches: int = 50, batch_per_step: bool = True):
         super().__init__()
         for name, value in (("training.seq_length", seq_length), ("training.micro_batch_size", micro_batch_size),
                             ("training.global_batch_size", global_batch_size)):
@@ -392,10 +394,13 @@ class DeepSeekDataModule(pl.LightningDataModule):
 
     @property
     def data_parallel(self) -> tuple[int, int]:
-        """(rank, size) used for slicing: the strategy's, else the trainer's, else (0, 1)."""
+        """(rank, size) used for slicing: set_data_parallel's, else the strategy's plan's, else the trainer's, else (0, 1)."""
         if self._dp is not None:
             return self._dp
         if self.trainer is not None:
+            plan = getattr(self.trainer.strategy, "plan", None)
+            if plan is not None and hasattr(plan, "data_parallel_rank") and hasattr(plan, "data_parallel_size"):
+                return int(plan.data_parallel_rank), int(plan.data_parallel_size)
             return self.trainer.global_rank, self.trainer.world_size
         return 0, 1
 
