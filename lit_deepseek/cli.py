@@ -99,6 +99,7 @@ class LitDeepSeekCLI(LightningCLI):
         )
         from lit_deepseek.training.module import DeepSeekLightningModule
 
+        self.config_init = self.config  # nothing to instantiate: the sections are plain dataclasses
         cfg = self.deepseek_config
         t, lg = cfg.training, cfg.logging
         ns = self.config.get(str(self.subcommand), self.config)
@@ -109,8 +110,9 @@ class LitDeepSeekCLI(LightningCLI):
         self.datamodule = DeepSeekDataModule(
             data=cfg.data, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size, seed=t.seed if cfg.data.seed is None else cfg.data.seed,
-            val_batches=t.val_batches,
+            val_batches=t.val_batches, batch_per_step=True,
         )
+        self.datamodule.check_vocab(cfg.model.vocab_size)
         derived = {
             "max_steps": t.max_steps,
             "precision": t.precision,

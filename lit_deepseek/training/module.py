@@ -88,7 +88,7 @@ class DeepSeekLightningModule(L.LightningModule):
     def on_train_start(self) -> None:
         world = self.trainer.world_size if self._trainer is not None else 1
         peak = self._peak_flops()
-        self._throughput = Throughput(available_flops=peak, world_size=world, window_size=20)
+        self._throughput = Throughput(available_flops=peak, world_size=world, window_size=3)
         self._t0 = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -187,9 +187,9 @@ class DeepSeekLightningModule(L.LightningModule):
             elapsed = time.perf_counter() - self._t0
             step = self.global_step
             world = max(1, self.trainer.world_size)
-            self._throughput.update(time=elapsed, batches=step, samples=step * t.global_batch_size,
+            self._throughput.update(time=elapsed, batches=step, samples=step * t.global_batch_size // world,
                                     lengths=self._tokens_seen // world,
-                                    flops=self._tokens_seen * self._flops_per_token / world)
+                                    flops=step_tokens * self._flops_per_token / world)
             tp = self._throughput.compute()
             if "items_per_sec" in tp:
                 metrics["train/tokens_per_s"] = tp["items_per_sec"]

@@ -1,0 +1,92 @@
+"""The `lit-deepseek` command: bad input is one line, the demo really trains and tracks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "cpu_demo.yaml"
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "lit_deepseek", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lit-deepseek: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert needle in lines[0], lines[0]
+
+
+def test_base_config_on_one_cpu_fails_fast_with_one_line(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "base.yaml"), cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, "32 but the world size is 1")
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model.mla.d_modell", "64"], "model.mla.d_modell"),
+    (["--model.num_layers", "four"], "model.num_layers"),
+    (["--parallel.expert_parallel_size", "3", "--trainer.devices", "3", "--trainer.accelerator", "cpu"],
+     "model.moe.num_experts (8) must be divisible by EP (3)"),
+    (["--training.global_batch_size", "12"], "training.global_batch_size"),
+    (["--model.moe.num_limited_groups", "4"], "model.moe.num_limited_groups"),
+])
+def test_bad_input_is_one_clear_line(tmp_path: Path, args: list, needle: str) -> None:
+    proc = run_cli("fit", "--config", str(DEMO), *args, cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, needle)
+
+
+def test_unknown_key_in_a_second_config_file(tmp_path: Path) -> None:
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("training:\n  learning_rat: 0.1\n")
+    proc = run_cli("fit", "--config", str(DEMO), "--config", str(extra), cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, "learning_rat")
+
+
+def test_summary_subcommand(tmp_path: Path) -> None:
+    proc = run_cli("summary", "--config", str(ROOT / "configs" / "deepseek_v3_base.yaml"), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "671.03B" in proc.stdout and "active per token" in proc.stdout
+
+
+def test_demo_trains_tracks_and_checkpoints(tmp_path: Path) -> None:
+    import mlflow
+
+    run_dir = tmp_path / "run"
+    proc = run_cli("fit", "--config", str(DEMO), "--training.max_steps", "6", "--training.val_every_n_steps", "3",
+                   "--training.val_batches", "2", "--checkpoint.every_n_steps", "3", "--logging.log_every_n_steps", "1",
+                   "--logging.heatmap_every_n_steps", "3", "--logging.run_dir", str(run_dir),
+                   "--logging.progress_bar", "false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and "step0000006.ckpt" in ckpts and "best.ckpt" in ckpts, ckpts
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cpu-demo")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [0, 1, 2, 3, 4, 5]
+    assert all(0 < m.value < 10 for m in history)
+    for key in ("val/loss", "train/grad_norm", "train/lr", "train/tokens_per_s", "moe/max_imbalance"):
+        assert key in run.data.metrics, key
+    assert run.data.params["model.mla.d_model"] == "128"
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "config")]
+    assert "config/config.yaml" in artifacts
+    plots = [a.path for a in client.list_artifacts(run.info.run_id, "expert_load")]
+    assert any(p.endswith(".png") for p in plots), plots
