@@ -322,6 +322,32 @@ def test_lightning_checkpoint_resume_is_exact(shards: tuple[Path, list[str]], tm
     assert state["consumed_tokens"] == 5 * 8 * 32 and state["global_step"] == 5
 
 
+def _ddp_rank_batches(rank: int, world_size: int, folder: str) -> list[torch.Tensor]:
+    """One rank of a real 2-process DDP Trainer (gloo): the step batches its training_step received."""
+    import lightning.pytorch as pl
+
+    module = _Recorder.build()
+    dm = make_dm(Path(folder), dp=None, batch_per_step=True)  # layout from the trainer
+    trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy="ddp", max_steps=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    return module.seen
+
+
+@pytest.mark.timeout(180)
+def test_ddp_ranks_tile_the_global_batch(shards: tuple[Path, list[str]]) -> None:
+    from dist_utils import run_distributed
+
+    folder, _ = shards
+    per_rank = run_distributed(_ddp_rank_batches, 2, str(folder), timeout_s=150, init_process_group=False)
+    reference = global_batches(folder, 1, steps=3)
+    assert [len(r) for r in per_rank] == [3, 3]
+    for k in range(3):
+        assert per_rank[0][k].shape == (4, 32)
+        assert torch.equal(torch.cat([per_rank[0][k], per_rank[1][k]]), reference[k])
+
+
 # --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
