@@ -537,6 +537,7 @@ class ShardWriter:
         self.path, self.max_bytes, self.prefix = path, max_shard_size, prefix
         path.mkdir(parents=True, exist_ok=True)
         self.buffer: dict[str, Tensor] = {}
+        self._storages: set[int] = set()
         self.buffer_bytes = 0
         self.written: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
@@ -545,8 +546,14 @@ class ShardWriter:
         size = tensor.numel() * tensor.element_size()
         if self.buffer and self.buffer_bytes + size > self.max_bytes:
             self.flush()
-        # an own CPU copy: safetensors refuses tensors that share storage (e.g. rows of stacked experts)
-        self.buffer[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        tensor = tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        elif (tensor.untyped_storage().nbytes() != size or not tensor.is_contiguous()
+              or tensor.untyped_storage().data_ptr() in self._storages):
+            tensor = tensor.clone()  # safetensors refuses tensors sharing storage (expert rows, MTP copies)
+        self._storages.add(tensor.untyped_storage().data_ptr())
+        self.buffer[name] = tensor
         self.buffer_bytes += size
         self.total_bytes += size
 
@@ -558,7 +565,7 @@ class ShardWriter:
         tmp_name = f"{self.prefix}-part-{len(self.written) + 1:05d}.safetensors"
         save_file(self.buffer, str(self.path / tmp_name), metadata={"format": "pt"})
         self.written.append((tmp_name, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
+        self.buffer, self.buffer_bytes, self._storages = {}, 0, set()
 
     def close(self) -> None:
         """Flush, give the shards their final names (-0000i-of-0000n) and write the index."""
