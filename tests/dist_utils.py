@@ -199,16 +199,17 @@ def distributed_run(rank: int, world_size: int, cfg: Any, steps: int) -> tuple[l
     return history, full_weights(plan, model), plan.coordinate
 
 
-def compare(reference: tuple[list, dict], results: list) -> tuple[float, float]:
-    """(max relative loss difference, max relative weight difference) over steps, ranks, tensors."""
+def compare(reference: tuple[list, dict], results: list) -> tuple[float, float, float]:
+    """Max relative differences (losses, gradient norms, weights) over steps, ranks and tensors."""
     ref_hist, ref_w = reference
-    loss_diff = 0.0
+    loss_diff = norm_diff = 0.0
     weight_diff = 0.0
     seen: set[str] = set()
     for hist, weights, _ in results:
         for ref_step, step in zip(ref_hist, hist, strict=True):
             for a, b in zip(ref_step[:3], step[:3], strict=True):
                 loss_diff = max(loss_diff, abs(a - b) / max(abs(a), 1e-12))
+            norm_diff = max(norm_diff, abs(ref_step[3] - step[3]) / max(abs(ref_step[3]), 1e-12))
         for name, w in weights.items():
             ref = ref_w[name]
             assert ref.shape == w.shape, f"{name}: {tuple(w.shape)} vs reference {tuple(ref.shape)}"
@@ -217,4 +218,4 @@ def compare(reference: tuple[list, dict], results: list) -> tuple[float, float]:
             seen.add(name)
     missing = set(ref_w) - seen
     assert not missing, f"no rank holds {sorted(missing)[:5]}"
-    return loss_diff, weight_diff
+    return loss_diff, norm_diff, weight_diff

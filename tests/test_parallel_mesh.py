@@ -20,13 +20,15 @@ from lit_deepseek.parallel.mesh import Layout, validate_layout
 
 BAD_LAYOUTS = [
     ({"parallel": {"tensor_parallel_size": 2, "data_parallel_size": 2}}, 8, "world size is 8"),
-    ({"parallel": {"expert_parallel_size": 2, "tensor_parallel_size": 2}}, 6, "world size 6 is not divisible by TP x PP x EP"),
+    ({"parallel": {"expert_parallel_size": 2, "tensor_parallel_size": 2}}, 6,
+     "world size 6 is not divisible by TP x PP x EP"),
     ({"parallel": {"tensor_parallel_size": 8, "data_parallel_size": 1}, "model": {"mla.num_heads": 4}}, 8,
      "model.mla.num_heads (4) must be divisible by TP (8)"),
     ({"parallel": {"expert_parallel_size": 3, "data_parallel_size": 1}}, 3,
      "model.moe.num_experts (8) must be divisible by EP (3)"),
     ({"parallel": {"pipeline_parallel_size": 2, "virtual_pipeline_stages": 2, "pipeline_schedule": "interleaved_1f1b",
-                   "data_parallel_size": 1}, "model": {"num_layers": 6}}, 2, "must be divisible by PP x virtual stages (4)"),
+                   "data_parallel_size": 1}, "model": {"num_layers": 6}}, 2,
+     "must be divisible by PP x virtual stages (4)"),
     ({"parallel": {"pipeline_parallel_size": 2, "pipeline_schedule": "zbv", "data_parallel_size": 1}}, 2,
      "schedule zbv needs exactly 2 stages per rank"),
     ({"parallel": {"pipeline_parallel_size": 2, "virtual_pipeline_stages": 2, "pipeline_schedule": "1f1b",

@@ -92,7 +92,8 @@ class DistributedPlan(LocalPlan):
             parts = [model]
         if self.zero_stage >= 2:
             for part in parts:
-                apply_fsdp(part, submesh(self.mesh, "dp_ep"), self.mesh["dp"], reshard_after_forward=self.zero_stage == 3)
+                apply_fsdp(part, submesh(self.mesh, "dp_ep"), self.mesh["dp"],
+                           reshard_after_forward=self.zero_stage == 3)
         self._parts = parts
         named = [(n, q) for part in parts for n, q in part.named_parameters()]
         self._names = {id(q): n for n, q in named}

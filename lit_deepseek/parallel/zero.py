@@ -130,7 +130,7 @@ class GradientSync:
 
     def finish(self) -> None:
         """Launch what is left, wait for every bucket and write the summed gradients back."""
-        if not self.armed and self.overlap:
+        if not self.armed:  # no overlap: nothing launched yet
             self.arm()
         for sync in self.syncs:
             self._launch_ready(sync, force=True)
