@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import multiprocessing as mp
@@ -30,7 +31,7 @@ def random_doc(rng: random.Random) -> str:
 
 
 def write_inputs(root: Path, rng: random.Random) -> list[str]:
-    """Ten .txt files, two .jsonl files and a two-row-group parquet file; returns all document texts."""
+    """Ten .txt files, two .jsonl files (one gzipped) and a three-row-group parquet file; returns all texts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -46,7 +47,12 @@ def write_inputs(root: Path, rng: random.Random) -> list[str]:
             text = random_doc(rng)
             lines.append(json.dumps({"text": text, "other": 1}))
             docs.append(text)
-        (root / f"part{j}.jsonl").write_text("\n".join(lines) + "\n\n")
+        body = "\n".join(lines) + "\n\n"
+        if j == 0:
+            (root / f"part{j}.jsonl").write_text(body)
+        else:
+            with gzip.open(root / f"part{j}.jsonl.gz", "wt", encoding="utf-8") as f:
+                f.write(body)
     texts = [random_doc(rng) for _ in range(20)]
     pq.write_table(pa.table({"text": texts, "id": list(range(20))}), root / "data.parquet", row_group_size=7)
     docs.extend(texts)
@@ -67,7 +73,7 @@ def read_shard(path: Path) -> list[np.ndarray]:
 def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("corpus")
     docs = write_inputs(root, random.Random(0))
-    prepare_data([str(root / "txt" / "*.txt"), str(root / "*.jsonl"), str(root / "*.parquet")], root / "shards",
+    prepare_data([str(root / "txt" / "*.txt"), str(root / "*.jsonl*"), str(root / "*.parquet")], root / "shards",
                  shard_tokens=1500, val_fraction=0.1, progress=False)
     return root / "shards", docs
 
@@ -132,7 +138,7 @@ def test_prepare_data_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                            "--shard_tokens", "100000", "--no_progress"])
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["train"]["docs"] == 30 and manifest["val"]["docs"] == 0
+    assert manifest["train"]["docs"] == 15 and manifest["val"]["docs"] == 0
     assert prepare_data_cli(["--inputs", str(tmp_path / "missing*.txt"), "--output", str(tmp_path / "o2")]) == 2
     assert "--inputs: no files match" in capsys.readouterr().err
     assert prepare_data_cli(["--inputs", str(tmp_path / "in" / "*.jsonl"), "--output", str(out)]) == 2

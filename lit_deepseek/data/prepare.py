@@ -4,7 +4,8 @@ Inputs (files or globs, mixed freely):
 
 - ``.txt``: the whole file is one document;
 - ``.jsonl``: one JSON object per line, the document is its ``text_field``;
-- ``.parquet``: the ``text_field`` column, read row group by row group.
+- ``.parquet``: the ``text_field`` column, streamed in record batches;
+- ``.txt.gz`` / ``.jsonl.gz``: the same, gzip-compressed.
 
 Every document becomes one tar sample ``<doc index>.tokens.u16`` (or ``.u32`` when the vocabulary
 does not fit 16 bits): its token ids as raw little-endian integers, without EOS (the packer adds it).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import json
 import os
 import random
@@ -36,7 +38,7 @@ from lit_deepseek.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "lit-deepseek-shards/1"
-SUFFIXES = (".txt", ".jsonl", ".parquet")
+SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 _BATCH_DOCS = 256
 
 
@@ -50,20 +52,32 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             raise ValueError(f"--inputs: no files match {pattern!r}")
         for m in matches:
             p = Path(m)
-            if p.suffix.lower() not in SUFFIXES:
+            if _kind(p) is None:
                 raise ValueError(f"--inputs: {m} has an unsupported extension (use {', '.join(SUFFIXES)})")
             if p not in files:
                 files.append(p)
     return files
 
 
+def _kind(path: Path) -> Optional[str]:
+    """The input kind (a SUFFIXES entry) of a file name, or None."""
+    name = path.name.lower()
+    return next((s for s in SUFFIXES if name.endswith(s)), None)
+
+
+def _open_text(path: Path, mode: str = "rt") -> Any:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, mode, encoding="utf-8", errors="replace") if "t" in mode else gzip.open(path, mode)
+    return open(path, mode, encoding="utf-8", errors="replace") if "t" in mode else open(path, mode)
+
+
 def count_documents(path: Path, text_field: str) -> int:
     """Documents in one input, without parsing them (the first pass that fixes the val split)."""
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
+    kind = _kind(path)
+    if kind in (".txt", ".txt.gz"):
         return 1
-    if suffix == ".jsonl":
-        with open(path, "rb") as f:
+    if kind in (".jsonl", ".jsonl.gz"):
+        with _open_text(path, "rb") as f:
             return sum(1 for line in f if line.strip())
     import pyarrow.parquet as pq
 
@@ -75,11 +89,12 @@ def count_documents(path: Path, text_field: str) -> int:
 
 def iter_documents(path: Path, text_field: str) -> Iterator[str]:
     """The documents of one input file, streamed."""
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
-    elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+    kind = _kind(path)
+    if kind in (".txt", ".txt.gz"):
+        with _open_text(path) as f:
+            yield f.read()
+    elif kind in (".jsonl", ".jsonl.gz"):
+        with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -94,9 +109,8 @@ def iter_documents(path: Path, text_field: str) -> Iterator[str]:
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
-        for group in range(pf.num_row_groups):
-            column = pf.read_row_group(group, columns=[text_field]).column(text_field)
-            for value in column.to_pylist():
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+            for value in batch.column(0).to_pylist():
                 yield str(value or "")
 
 
