@@ -288,6 +288,25 @@ def test_dispatcher_swap_and_expert_sharding(tiny_config):
     assert moe.experts.expert_start == 4 and moe.dispatcher is model.moe_layers()[1].dispatcher
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_training_step_has_no_host_sync_in_the_dropless_path():
+    cfg = tiny_model_config(**{"mla.d_model": 128, "moe.expert_intermediate_size": 64, "mla.num_heads": 4,
+                               "mla.qk_nope_head_dim": 128, "mla.qk_rope_head_dim": 64, "mla.v_head_dim": 128})
+    model = _model(cfg).cuda().to(torch.bfloat16).train()
+    ids = _tokens(cfg, batch=2, seq=64).cuda()
+    model(ids)  # warm-up (lazy initialisation may synchronise)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        h, mtp_hiddens = model(ids, return_hidden=True)
+        (model.head(h).float().logsumexp(-1).mean() + mtp_hiddens[0].float().square().mean()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.moe_layers()[0].expert_load.sum().item() == 2 * (2 * 64 * 2)  # warm-up + step
+
+
 # ------------------------------------------------------------------------------------------ init
 
 

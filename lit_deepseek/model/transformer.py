@@ -149,7 +149,7 @@ class DeepSeekV3(nn.Module):
         h = self.norm(x) if self.norm is not None else x
 
         mtp_hiddens: list[Tensor] = []
-        if len(self.mtp) and (return_hidden or self.training) and caches is None:
+        if len(self.mtp) and return_hidden and caches is None:
             if input_ids is None or self.embed is None:
                 raise ValueError("MTP needs token ids and the shared embedding on this stage")
             prev = h
