@@ -7,7 +7,6 @@ import torch
 from conftest import tiny_model_config
 from dist_utils import run_distributed
 from test_parallel_tp import (
-
     loss_fn,
     make_batches,
     make_model,
@@ -47,7 +46,9 @@ def _pp_worker(rank: int, world_size: int, cfg, batches, parallel: ParallelConfi
         opt.step()
         losses.append(None if parts is None else parts.total.item())
     states = [{k: v.detach().clone() for k, v in part.named_parameters()} for part in handle.stage_modules]
-    return {"losses": losses, "states": states, "stages": handle.stage_ids,
+    loads = {name: buf.clone() for part in handle.stage_modules
+             for name, buf in part.named_buffers() if name.endswith("expert_load")}
+    return {"losses": losses, "states": states, "loads": loads, "stages": handle.stage_ids,
             "first": handle.has_first_stage, "last": handle.has_last_stage}
 
 
@@ -55,14 +56,15 @@ def _pp_worker(rank: int, world_size: int, cfg, batches, parallel: ParallelConfi
 def reference():
     cfg = tiny_model_config(num_layers=4)
     batches = make_batches(cfg, micro_batches=N_MICRO)
-    return cfg, batches, reference_run(cfg, batches)
+    ref = reference_run(cfg, batches)
+    return cfg, batches, ref[:2], ref[2]
 
 
 @pytest.mark.parametrize(("schedule", "vpp", "split"), CASES, ids=[c[0] for c in CASES])
 def test_pp2_matches_single_process(reference, schedule: str, vpp: int, split) -> None:
     if schedule not in available_schedules():
         pytest.skip(f"torch {torch.__version__} has no {schedule} schedule")
-    cfg, batches, (ref_losses, ref_state) = reference
+    cfg, batches, (ref_losses, ref_state), ref_loads = reference
     parallel = ParallelConfig(pipeline_parallel_size=2, pipeline_schedule=schedule, virtual_pipeline_stages=vpp,
                               pipeline_layer_split=split)
     results = run_distributed(_pp_worker, 2, cfg, batches, parallel, timeout_s=60)
@@ -84,6 +86,11 @@ def test_pp2_matches_single_process(reference, schedule: str, vpp: int, split) -
     print(f"PP2 {schedule}: loss rel diff {loss_diff:.2e}, weight rel diff {weight_diff:.2e}")
     assert loss_diff < 1e-5, (losses, ref_losses)
     assert weight_diff < 1e-5
+    # expert loads (for the bias update) counted once per routed copy, as in one process
+    loads = {k: v for r in results for k, v in r["loads"].items()}
+    assert loads.keys() == ref_loads.keys()
+    for name, load in loads.items():
+        torch.testing.assert_close(load, ref_loads[name], rtol=0, atol=0)
 
 
 def test_stage_layout_and_bad_settings() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_model_config
 from dist_utils import run_distributed
@@ -48,7 +49,7 @@ def make_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-6)
 
 
-def reference_run(cfg, batches) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference_run(cfg, batches) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One process, gradient accumulation over the same micro-batches."""
     torch.set_num_threads(1)
     model = make_model(cfg)
@@ -60,7 +61,8 @@ def reference_run(cfg, batches) -> tuple[list[float], dict[str, torch.Tensor]]:
         parts = plan.forward_backward(model, batch, MICRO, loss_fn)
         opt.step()
         losses.append(parts.total.item())
-    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
+    loads = {name: buf.clone() for name, buf in model.named_buffers() if name.endswith("expert_load")}
+    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}, loads
 
 
 def _tp_worker(rank: int, world_size: int, cfg, batches, variants) -> list:
@@ -104,21 +106,23 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)
 
 
-def test_tp2_matches_single_process() -> None:
+@pytest.fixture(scope="module")
+def tp_reference():
     cfg = tiny_model_config()
     batches = make_batches(cfg)
-    ref_losses, ref_state = reference_run(cfg, batches)
-    variants = [(True, True), (False, True)]
-    per_rank = run_distributed(_tp_worker, 2, cfg, batches, variants, timeout_s=60)
-    for (sp, lp), result in zip(variants, per_rank[0], strict=True):
-        losses, state, logits_shape = result
-        loss_diff = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True))
-        weight_diff = max_relative_difference(state, ref_state)
-        print(f"TP2 sequence_parallel={sp} loss_parallel={lp}: loss rel diff {loss_diff:.2e}, "
-              f"weight rel diff {weight_diff:.2e}")
-        assert loss_diff < 1e-5, (losses, ref_losses)
-        assert weight_diff < 1e-5
-        assert tuple(logits_shape) == (1, SEQ, cfg.vocab_size)
+    return cfg, batches, reference_run(cfg, batches)
+
+
+@pytest.mark.parametrize("sequence_parallel", [True, False], ids=["sequence_parallel", "no_sequence_parallel"])
+def test_tp2_matches_single_process(tp_reference, sequence_parallel: bool) -> None:
+    cfg, batches, (ref_losses, ref_state, _) = tp_reference
+    per_rank = run_distributed(_tp_worker, 2, cfg, batches, [(sequence_parallel, True)], timeout_s=60)
+    losses, state, logits_shape = per_rank[0][0]
+    loss_diff = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True))
+    weight_diff = max_relative_difference(state, ref_state)
+    print(f"TP2 sequence_parallel={sequence_parallel}: loss rel diff {loss_diff:.2e}, weight rel diff {weight_diff:.2e}")
+    assert loss_diff < 1e-5, (losses, ref_losses)
+    assert weight_diff < 1e-5
+    assert tuple(logits_shape) == (1, SEQ, cfg.vocab_size)
     # both TP ranks end with the same full weights
-    for (_, state0, _), (_, state1, _) in zip(per_rank[0], per_rank[1], strict=True):
-        assert max_relative_difference(state1, state0) == 0.0
+    assert max_relative_difference(per_rank[1][0][1], state) == 0.0
