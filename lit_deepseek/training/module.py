@@ -191,8 +191,9 @@ class DeepSeekLightningModule(L.LightningModule):
                                     lengths=self._tokens_seen // world,
                                     flops=step_tokens * self._flops_per_token / world)
             tp = self._throughput.compute()
-            if "items_per_sec" in tp:
-                metrics["train/tokens_per_s"] = tp["items_per_sec"]
+            tokens_per_s = tp.get("items_per_sec", tp.get("device/items_per_sec"))  # global key only if world > 1
+            if tokens_per_s is not None:
+                metrics["train/tokens_per_s"] = tokens_per_s
             if "device/mfu" in tp:
                 metrics["train/mfu"] = tp["device/mfu"]
         skipped = getattr(getattr(self._trainer, "datamodule", None), "skipped_shards", None)
