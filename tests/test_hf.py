@@ -313,3 +313,25 @@ def test_other_architecture_is_rejected(saved):
         load_hf_model(saved)
     with pytest.raises(CheckpointError, match="no config.json"):
         load_hf_model(saved / "nowhere")
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    cfg = tiny_model_config(tie_word_embeddings=True, mtp_depth=0)
+    model = _model(cfg)
+    save_hf_model(model, tmp_path)
+    assert "lm_head.weight" not in json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    loaded = load_hf_model(tmp_path)
+    assert loaded.head.weight is loaded.embed.weight
+    ids = _tokens(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_native_checkpoint_with_missing_tensor_is_named(tmp_path):
+    cfg = tiny_model_config(mtp_depth=0)
+    native = convert(save_hf_model(_model(cfg), tmp_path / "hf"), tmp_path / "native", to="native")
+    _edit_shard_holding(native, "layers.1.ffn.experts.w3", lambda t: t.pop("layers.1.ffn.experts.w3"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: layers\.1\.ffn\.experts\.w3"):
+        load_native_model(native)
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        convert(native, tmp_path / "back", to="hf")
