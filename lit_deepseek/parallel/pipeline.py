@@ -202,8 +202,10 @@ class PipelineHandle:
                                      requires_grad=True)
                 inputs = (torch.empty(micro_rows, seq_len, dtype=torch.long, device="meta"),) if is_first else (hidden,)
                 outputs = (hidden,) * (1 + len(part.mtp)) if is_last else (hidden,)
-                stages.append(PipelineStage(part, sid, self.num_stages, self.device, input_args=inputs,
-                                            output_args=outputs, group=group))
+                stage = PipelineStage(part, sid, self.num_stages, self.device, input_args=inputs,
+                                      output_args=outputs, group=group)
+                _skip_self_warmup_p2p(stage, self.pp_mesh.get_local_rank())
+                stages.append(stage)
             self._stages[key] = stages
         return self._stages[key]
 
@@ -325,6 +327,22 @@ class PipelineHandle:
             count = max(len(firsts), len(lasts))
             self._tied_pairs = [(firsts[i] if firsts else None, lasts[i] if lasts else None) for i in range(count)]
         return self._tied_pairs
+
+
+def _skip_self_warmup_p2p(stage: Any, group_rank: int) -> None:
+    """torch <= 2.11 opens a V schedule with a warm-up send/recv to every neighbouring stage,
+    including the one on this same rank: a send to oneself, which gloo rejects. Such a message
+    carries nothing (same-rank stages hand activations over in memory), so drop it."""
+    original = getattr(stage, "_get_init_p2p_neighbors_ops", None)
+    if original is None:
+        return
+
+    def ops() -> list:
+        me = dist.get_rank()
+        return [op for op in original()
+                if getattr(op, "group_peer", None) != group_rank and getattr(op, "peer", None) != me]
+
+    stage._get_init_p2p_neighbors_ops = ops
 
 
 def _local(t: Tensor) -> Tensor:

@@ -50,20 +50,23 @@ LossFn = Callable[[nn.Module, Tensor, list, Tensor], LossParts]
 
 
 class ReplicateParallel(ParallelStyle):
-    """Parameters replicated as DTensors; the (first) input is taken with `input_layout`.
+    """Parameters replicated as DTensors; the (first) input arrives with `input_layout` and is
+    computed on replicated, the output handed on with `output_layout` (as a local tensor).
 
-    Used where a plain layer consumes sequence-sharded tokens (the MTP concatenation projection
-    under sequence parallelism): its weight gradient is a partial sum per rank, and the DTensor
-    Replicate placement all-reduces it in backward.
+    Used where a plain layer sits between sequence-sharded tensors (the MTP concatenation
+    projection under sequence parallelism): gathering the sequence first keeps every rank's
+    weight gradient complete and identical.
     """
 
-    def __init__(self, input_layout: Optional[Placement] = None, use_local_output: bool = True) -> None:
+    def __init__(self, input_layout: Optional[Placement] = None, output_layout: Optional[Placement] = None,
+                 use_local_output: bool = True) -> None:
         super().__init__()
         self.input_layout = input_layout if input_layout is not None else Replicate()
+        self.output_layout = output_layout if output_layout is not None else Replicate()
         self.use_local_output = use_local_output
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        layout, use_local = self.input_layout, self.use_local_output
+        in_layout, out_layout, use_local = self.input_layout, self.output_layout, self.use_local_output
 
         def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
             for pname, param in list(mod.named_parameters(recurse=False)):
@@ -73,14 +76,15 @@ class ReplicateParallel(ParallelStyle):
 
         def input_fn(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
             first, *rest = inputs
-            if isinstance(first, DTensor):
-                first = first.redistribute(placements=[layout])
-            else:
-                first = DTensor.from_local(first, mesh, [layout], run_check=False)
-            return (first, *rest)
+            if not isinstance(first, DTensor):
+                first = DTensor.from_local(first, mesh, [in_layout], run_check=False)
+            return (first.redistribute(placements=[Replicate()]), *rest)
 
         def output_fn(mod: nn.Module, outputs: Any, mesh: DeviceMesh) -> Any:
-            return outputs.to_local() if use_local and isinstance(outputs, DTensor) else outputs
+            if isinstance(outputs, DTensor):
+                outputs = outputs.redistribute(placements=[out_layout])
+                return outputs.to_local() if use_local else outputs
+            return outputs
 
         return distribute_module(module, device_mesh, partition, input_fn, output_fn)  # type: ignore[arg-type]
 
@@ -205,7 +209,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         for mtp in model.mtp:
             parallelize_module(mtp, tp_mesh, {"enorm": SequenceParallel(), "hnorm": SequenceParallel(),
                                               "norm": SequenceParallel(),
-                                              "eh_proj": ReplicateParallel(input_layout=Shard(1))})
+                                              "eh_proj": ReplicateParallel(input_layout=Shard(1), output_layout=Shard(1))})
     model.tp_mesh = tp_mesh
     model.sequence_parallel = sequence_parallel
     return model
