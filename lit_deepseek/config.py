@@ -612,6 +612,9 @@ def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> No
     tp, pp, ep, vpp = p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size, p.virtual_pipeline_stages
     need(a.num_heads % tp == 0,
          f"parallel.tensor_parallel_size: model.mla.num_heads ({a.num_heads}) must be divisible by TP ({tp})")
+    if tp > 1 and p.sequence_parallel:
+        need(t.seq_length % tp == 0, f"training.seq_length: {t.seq_length} must be divisible by TP ({tp}) under "
+                                     f"parallel.sequence_parallel")
     need(e.num_experts % ep == 0,
          f"parallel.expert_parallel_size: model.moe.num_experts ({e.num_experts}) must be divisible by EP ({ep})")
     if p.pipeline_schedule in ("zbv", "dualpipev"):

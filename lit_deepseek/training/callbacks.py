@@ -115,11 +115,16 @@ class TrackConfig(L.Callback):
             if run_id is None:
                 continue
             (Path(self.cfg.logging.run_dir) / RUN_ID_FILE).write_text(run_id)
-            params = {k: ("null" if v is None else v) for k, v in flatten(resolved).items()}
-            try:
-                logger.log_hyperparams(params)
-            except Exception as exc:  # a resumed run re-logging changed values must not stop training
-                L.pytorch.utilities.rank_zero_warn(f"logging: could not log params ({exc})")
+            params = {k: str("null" if v is None else v) for k, v in flatten(resolved).items()}
+            # MLflow params are write-once: a resumed run logs only new keys and records what changed
+            logged = logger.experiment.get_run(run_id).data.params
+            changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+            new = {k: v for k, v in params.items() if k not in logged}
+            if new:
+                logger.log_hyperparams(new)
+            if changed:
+                logger.experiment.set_tag(run_id, "resumed_with_changes",
+                                          ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))[:5000])
             logger.experiment.log_text(run_id, yaml.safe_dump(resolved, sort_keys=False), "config/config.yaml")
 
 

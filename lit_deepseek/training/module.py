@@ -8,6 +8,7 @@ step identical under every parallel layout, pipeline schedules included.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Optional
@@ -46,7 +47,9 @@ class DeepSeekLightningModule(L.LightningModule):
         self._t0: Optional[float] = None
         self._tokens_seen = 0
         self._flops_per_token = DeepSeekConfig(model=model, training=training).flops_per_token()
-        self.save_hyperparameters(ignore=["peak_tflops"])
+        # plain dicts, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({"model": dataclasses.asdict(model), "training": dataclasses.asdict(training),
+                                   "parallel": dataclasses.asdict(self.parallel_config)}, logger=False)
 
     # ------------------------------------------------------------------ setup
     @property
