@@ -26,9 +26,9 @@ def _prepare_data(argv: list[str]) -> int:
 
 
 def _convert(argv: list[str]) -> int:
-    from lit_deepseek.checkpoint.hf import convert_cli
+    from lit_deepseek.cli import convert_main
 
-    return convert_cli(argv)
+    return convert_main(argv)
 
 
 TOOLS: dict[str, Callable[[list[str]], int]] = {

@@ -225,3 +225,29 @@ def summary_main(argv: list[str]) -> int:
     cfg = load_config(*args.config, overrides=overrides, world_size=args.world_size)
     cfg.print_summary(args.world_size)
     return 0
+
+
+def convert_main(argv: list[str]) -> int:
+    """`lit-deepseek convert SRC DST --to {hf,native}`: stream a checkpoint between the two layouts."""
+    import argparse
+
+    from lit_deepseek.checkpoint.hf import CheckpointError, convert
+    from lit_deepseek.config import ConfigError
+
+    parser = argparse.ArgumentParser(
+        prog="lit-deepseek convert",
+        description="Convert a Hugging Face DeepSeek-V3/V2 checkpoint directory to the native layout or back, "
+                    "shard by shard (never the whole model in memory).")
+    parser.add_argument("src", help="source directory (Hugging Face: config.json + safetensors; native: model.yaml "
+                                    "+ safetensors)")
+    parser.add_argument("dst", help="destination directory")
+    parser.add_argument("--to", choices=["hf", "native"], required=True, help="target layout")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
+    parser.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bfloat16 (default: keep)")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.src, args.dst, to=args.to, max_shard_size=args.max_shard_size, dtype=args.dtype)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise ConfigError(f"convert: {exc}") from None
+    print(f"wrote {out}")
+    return 0

@@ -90,3 +90,28 @@ def test_demo_trains_tracks_and_checkpoints(tmp_path: Path) -> None:
     assert "config/config.yaml" in artifacts
     plots = [a.path for a in client.list_artifacts(run.info.run_id, "expert_load")]
     assert any(p.endswith(".png") for p in plots), plots
+
+
+def test_convert_round_trip_through_the_cli(tmp_path: Path) -> None:
+    import torch
+
+    from lit_deepseek.config import load_config
+    from lit_deepseek.hf import load_hf_model, save_hf_model
+    from lit_deepseek.model import DeepSeekV3
+
+    cfg = load_config(DEMO).model
+    cfg.num_layers = 2
+    model = DeepSeekV3(cfg)
+    model.init_weights(seed=3)
+    save_hf_model(model, tmp_path / "hf", max_shard_size="200KB")
+    for args in (["convert", str(tmp_path / "hf"), str(tmp_path / "native"), "--to", "native"],
+                 ["convert", str(tmp_path / "native"), str(tmp_path / "hf2"), "--to", "hf",
+                  "--max_shard_size", "300KB"]):
+        proc = run_cli(*args, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "hf2").glob("*.safetensors"))) > 1
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf_model(tmp_path / "hf2")(ids), model(ids), rtol=0, atol=0)
+    proc = run_cli("convert", str(tmp_path / "missing"), str(tmp_path / "x"), "--to", "native", cwd=tmp_path)
+    assert_one_line_error(proc, "convert")
