@@ -67,6 +67,9 @@ class AllToAllDispatcher(TokenDispatcher):
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
 
+    def __deepcopy__(self, memo: dict) -> AllToAllDispatcher:
+        return self  # a communication service, shared by copies of the model (pipeline stages)
+
     def dispatch(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> tuple[Tensor, Tensor, Any]:
         num_experts = tokens_per_expert.numel()
         local = num_experts // self.ep_size
@@ -175,6 +178,9 @@ class DeepEPDispatcher(TokenDispatcher):
         self.num_experts = num_experts
         self.fp8 = fp8
         self._buffer: Any = None
+
+    def __deepcopy__(self, memo: dict) -> DeepEPDispatcher:
+        return self
 
     def buffer(self, x: Tensor) -> Any:
         from deep_ep import Buffer

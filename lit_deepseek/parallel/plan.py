@@ -54,6 +54,7 @@ class DistributedPlan(LocalPlan):
         self.pipeline: Any = None
         self._parts: list[nn.Module] = []
         self._names: dict[int, str] = {}
+        self._duplicates: set[int] = set()
 
     # ------------------------------------------------------------------ layout
     @property
@@ -66,37 +67,45 @@ class DistributedPlan(LocalPlan):
         return self.is_last_stage and self.coordinate["tp"] == 0
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """Experts sharded over EP, TP plans, pipeline stages, then ZeRO on each part.
+        """Pipeline stages, experts sharded over EP, TP plans, then ZeRO on each part.
 
         Works on a materialised model (every rank initialised identically) or on the meta device
         (call `init_weights` on each part afterwards; expert initialisation depends on global ids).
         """
         p = self.cfg.parallel
-        if self.layout.ep > 1 or self.cfg.model.moe.use_deep_ep:
-            dispatcher = make_dispatcher(self.cfg.model, self.ep_group if self.layout.ep > 1 else None)
-            model.set_dispatcher(dispatcher)
-            start, end = dispatcher.local_expert_range(self.cfg.model.moe.num_experts)
-            for moe in model.moe_layers():
-                if (moe.experts.expert_start, moe.experts.num_local_experts) != (start, end - start):
-                    moe.shard_experts(start, end)
-        if self.layout.tp > 1:
-            from lit_deepseek.parallel.tensor import apply_tensor_parallel
-
-            model = apply_tensor_parallel(model, self.mesh["tp"], sequence_parallel=p.sequence_parallel)
         if self.layout.pp > 1:
             from lit_deepseek.parallel.pipeline import build_pipeline
 
-            self.pipeline = build_pipeline(model, self.cfg, self.mesh["pp"])
+            self.pipeline = build_pipeline(model, self.cfg, self.mesh["pp"], device=self._device())
             parts = list(self.pipeline.stage_modules)
+            tied = {id(q) for q in self.pipeline.tied_copies()}
+            tied_names = [{n for n, q in part.named_parameters() if id(q) in tied} for part in parts]
+            model = PipelineStages(parts)
         else:
-            parts = [model]
+            parts, tied_names = [model], [set()]
+        if self.layout.ep > 1 or self.cfg.model.moe.use_deep_ep:
+            dispatcher = make_dispatcher(self.cfg.model, self.ep_group if self.layout.ep > 1 else None)
+            start, end = dispatcher.local_expert_range(self.cfg.model.moe.num_experts)
+            for part in parts:
+                part.set_dispatcher(dispatcher)
+                for moe in part.moe_layers():
+                    if (moe.experts.expert_start, moe.experts.num_local_experts) != (start, end - start):
+                        moe.shard_experts(start, end)
+        if self.layout.tp > 1:
+            from lit_deepseek.parallel.tensor import apply_tensor_parallel
+
+            for part in parts:
+                apply_tensor_parallel(part, self.mesh["tp"], sequence_parallel=p.sequence_parallel)
         if self.zero_stage >= 2:
             for part in parts:
                 apply_fsdp(part, submesh(self.mesh, "dp_ep"), self.mesh["dp"],
                            reshard_after_forward=self.zero_stage == 3)
         self._parts = parts
-        named = [(n, q) for part in parts for n, q in part.named_parameters()]
+        named = self.named_parameters()
         self._names = {id(q): n for n, q in named}
+        # copies of another stage's weights (the last stage's embedding for MTP) count once
+        self._duplicates = {id(part.get_parameter(n)) for part, names in zip(parts, tied_names, strict=True)
+                            for n in names}
         if self.zero_stage < 2:
             self.grad_sync = GradientSync(named, self.dense_group, self.expert_group, overlap=p.overlap_grad_reduce)
         return model
@@ -172,7 +181,11 @@ class DistributedPlan(LocalPlan):
     def evaluate(self, model: nn.Module, batch: dict, loss_fn: LossFn) -> LossParts:
         loss_fn = self._loss_fn(loss_fn)
         if self.pipeline is not None:
-            return self.pipeline.evaluate(batch, loss_fn)
+            parts = self.pipeline.evaluate(batch, loss_fn)
+            if parts is None:  # not the last stage: reduce_mean takes the last stage's value
+                zero = torch.zeros((), device=self._device())
+                parts = LossParts(zero, zero, zero if self.cfg.model.mtp_depth > 0 else None)
+            return parts
         with self._loss_context(model):
             h, mtp = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True)
             return loss_fn(model, h, mtp, batch["labels"]).detach()
@@ -188,7 +201,7 @@ class DistributedPlan(LocalPlan):
     # ------------------------------------------------------------------ gradients
     def clip_grad_norm(self, parameters: Iterable[Tensor], max_norm: float) -> Tensor:
         params = list(parameters)
-        named = [(self._names.get(id(p), ""), p) for p in params]
+        named = [(self._names.get(id(p), ""), p) for p in params if id(p) not in self._duplicates]
         norm = global_grad_norm(named, self.coordinate, MESH_ALIASES, device=self._device())
         if max_norm > 0:
             clip_grads_(params, max_norm, norm)
@@ -214,6 +227,21 @@ class DistributedPlan(LocalPlan):
     def _device(self) -> torch.device:
         return torch.device(self.mesh.device_type, torch.cuda.current_device()) if self.mesh.device_type == "cuda" \
             else torch.device(self.mesh.device_type)
+
+
+class PipelineStages(nn.Module):
+    """This rank's pipeline stages (what `parallelize` returns under PP).
+
+    Run them through the plan (`forward_backward`, `evaluate`): a stage alone cannot compute the
+    model's output.
+    """
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a pipeline-parallel model runs through its plan: plan.forward_backward / plan.evaluate")
 
 
 def _add(acc: Optional[LossParts], parts: LossParts, weight: float) -> LossParts:

@@ -151,13 +151,16 @@ class GradientSync:
 
 
 def assign_owners(params: list[nn.Parameter], group_size: int) -> list[int]:
-    """Greedy balance by size; the same order on every rank of the group gives the same owners."""
+    """Greedy balance by size; the same order on every rank of the group gives the same owners.
+
+    Sizes are global (DTensor) sizes, so TP peers, whose shards may differ by a row, choose the
+    same owners and run the same collectives inside the optimizer step."""
     loads = [0] * group_size
     owners = []
     for p in params:
         rank = min(range(group_size), key=lambda r: (loads[r], r))
         owners.append(rank)
-        loads[rank] += local_tensor(p).numel()
+        loads[rank] += p.numel()
     return owners
 
 
