@@ -7,6 +7,7 @@ rank's return value handed back to the test.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import pickle
@@ -32,7 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple, init_pg: bool) -> None:
+def _worker(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple, init_pg: bool,
+            timeout_s: float) -> None:
+    faulthandler.dump_traceback_later(max(1.0, timeout_s - 5), exit=False)  # a hang shows where it is
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -62,7 +65,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     # of the time a fresh interpreter needs (and, unlike plain fork, from a single-threaded parent).
     multiprocessing.set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(fn, world_size, port, out_dir, args, init_process_group),
+        ctx = mp.start_processes(_worker, args=(fn, world_size, port, out_dir, args, init_process_group, timeout_s),
                                  nprocs=world_size, join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout_s
         try:
@@ -100,8 +103,8 @@ def tiny_run_config(parallel: dict | None = None, model: dict | None = None, ste
     from lit_deepseek.config import DeepSeekConfig, ParallelConfig, TrainingConfig
 
     mcfg = tiny_model_config(**(model or {}))
-    tcfg = TrainingConfig(global_batch_size=steps_batch, micro_batch_size=micro_batch_size, learning_rate=3e-3,
-                          min_learning_rate=3e-3, lr_warmup_steps=0, lr_schedule="constant", grad_clip=0.5,
+    tcfg = TrainingConfig(global_batch_size=steps_batch, micro_batch_size=micro_batch_size, learning_rate=1e-3,
+                          min_learning_rate=1e-3, lr_warmup_steps=0, lr_schedule="constant", grad_clip=0.5,
                           weight_decay=0.1, seq_length=seq_length, precision="32-true", loss_chunk_size=24)
     return DeepSeekConfig(model=mcfg, parallel=ParallelConfig(**(parallel or {})), training=tcfg)
 
@@ -221,8 +224,12 @@ def compare(reference: tuple[list, dict], results: list) -> tuple[float, float, 
             ref = ref_w[name]
             assert ref.shape == w.shape, f"{name}: {tuple(w.shape)} vs reference {tuple(ref.shape)}"
             denom = ref.float().norm().item() or 1.0
-            weight_diff = max(weight_diff, (w.float() - ref.float()).norm().item() / denom)
+            diff = (w.float() - ref.float()).norm().item() / denom
+            if diff > weight_diff:
+                weight_diff, worst = diff, name
             seen.add(name)
+    if os.environ.get("LIT_DEEPSEEK_SHOW_WORST") and weight_diff:
+        print(f"largest weight difference: {worst} {weight_diff:.2e}")
     missing = set(ref_w) - seen
     assert not missing, f"no rank holds {sorted(missing)[:5]}"
     return loss_diff, norm_diff, weight_diff

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from lit_deepseek.config import ModelConfig
 from lit_deepseek.model.dispatch import LocalDispatcher, TokenDispatcher
@@ -51,6 +51,40 @@ def all_to_all_rows(x: Tensor, output_splits: list[int], input_splits: list[int]
                     group: dist.ProcessGroup) -> Tensor:
     """Send ``input_splits[r]`` consecutive rows of x to rank r; receive ``output_splits[r]`` from r."""
     return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+def _keep_in_graph(y_local: Tensor, x_local: Tensor) -> Tensor:
+    """Make sure this rank takes part in both backward all-to-alls.
+
+    A rank whose experts received no rows may produce an output outside the autograd graph;
+    without backward nodes it would skip the collectives its EP peers run, and they would wait on
+    it forever. A zero that depends on the received rows keeps dispatch and combine in the graph.
+    """
+    if torch.is_grad_enabled() and x_local.requires_grad and not y_local.requires_grad:
+        return y_local + (x_local.sum() * 0).to(y_local.dtype)
+    return y_local
+
+
+def _experts_in_graph_hook(module: nn.Module, args: tuple, output: Tensor) -> Optional[Tensor]:
+    if output.shape[0] or not torch.is_grad_enabled():
+        return None
+    zero = sum((p.sum() * 0 for p in module.parameters() if p.requires_grad), output.new_zeros(()))
+    x = args[0]
+    if x.requires_grad:
+        zero = zero + x.sum() * 0
+    return output + zero.to(output.dtype)
+
+
+def keep_experts_in_graph(model: nn.Module) -> None:
+    """Give every routed-experts module a backward even when it received no rows this step.
+
+    Data-parallel peers route different tokens: one may send nothing to an expert shard that its
+    peer uses. FSDP's per-module gradient reduction (and its backward prefetch) must then still
+    run on both, in the same order, so an empty expert output is tied to the weights and inputs
+    by a zero. Register before FSDP wraps the module.
+    """
+    for moe in model.moe_layers():
+        moe.experts.register_forward_hook(_experts_in_graph_hook)
 
 
 class AllToAllDispatcher(TokenDispatcher):
@@ -88,13 +122,13 @@ class AllToAllDispatcher(TokenDispatcher):
         key = (block % local) * self.ep_size + block // local
         order = torch.sort(key, stable=True).indices
         x_local = x_recv.index_select(0, order)
-        return x_local, recv_by_source.sum(0), (order, input_splits, output_splits)
+        return x_local, recv_by_source.sum(0), (order, input_splits, output_splits, x_local)
 
     def combine(self, y_local: Tensor, handle: Any) -> Tensor:
-        order, input_splits, output_splits = handle
+        order, input_splits, output_splits, x_local = handle
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        y_recv = y_local.index_select(0, inverse)
+        y_recv = _keep_in_graph(y_local, x_local).index_select(0, inverse)
         return all_to_all_rows(y_recv, input_splits, output_splits, self.group)
 
     def global_tokens_per_expert(self, tokens_per_expert: Tensor) -> Tensor:
@@ -203,13 +237,14 @@ class DeepEPDispatcher(TokenDispatcher):
         order = torch.sort(local_expert, stable=True).indices
         per_rank = self.num_experts // self.ep_size
         counts = torch.bincount(local_expert, minlength=per_rank).to(torch.int64)
-        return recv.index_select(0, order), counts, (order, handle)
+        x_local = recv.index_select(0, order)
+        return x_local, counts, (order, handle, x_local)
 
     def combine(self, y_local: Tensor, handle: Any) -> Tensor:
-        order, deep_handle = handle
+        order, deep_handle, x_local = handle
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return _DeepEPCombine.apply(y_local.index_select(0, inverse), deep_handle, self)
+        return _DeepEPCombine.apply(_keep_in_graph(y_local, x_local).index_select(0, inverse), deep_handle, self)
 
     def global_tokens_per_expert(self, tokens_per_expert: Tensor) -> Tensor:
         total = tokens_per_expert.detach().clone()

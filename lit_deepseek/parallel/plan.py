@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lit_deepseek.config import DeepSeekConfig
-from lit_deepseek.parallel.expert import make_dispatcher
+from lit_deepseek.parallel.expert import keep_experts_in_graph, make_dispatcher
 from lit_deepseek.parallel.mesh import local_coordinate, mesh_layout, submesh
 from lit_deepseek.parallel.zero import (
     GradientSync,
@@ -55,6 +55,7 @@ class DistributedPlan(LocalPlan):
         self._parts: list[nn.Module] = []
         self._names: dict[int, str] = {}
         self._duplicates: set[int] = set()
+        self._vocab_parallel = False
 
     # ------------------------------------------------------------------ layout
     @property
@@ -91,11 +92,18 @@ class DistributedPlan(LocalPlan):
                 for moe in part.moe_layers():
                     if (moe.experts.expert_start, moe.experts.num_local_experts) != (start, end - start):
                         moe.shard_experts(start, end)
+        if self.layout.ep > 1 or self.layout.dp > 1:
+            for part in parts:
+                keep_experts_in_graph(part)
         if self.layout.tp > 1:
             from lit_deepseek.parallel.tensor import apply_tensor_parallel
 
             for part in parts:
                 apply_tensor_parallel(part, self.mesh["tp"], sequence_parallel=p.sequence_parallel)
+        if self.layout.tp > 1:
+            from lit_deepseek.parallel.tensor import is_vocab_parallel
+
+            self._vocab_parallel = any(is_vocab_parallel(part) for part in parts)
         if self.zero_stage >= 2:
             for part in parts:
                 apply_fsdp(part, submesh(self.mesh, "dp_ep"), self.mesh["dp"],
@@ -126,6 +134,7 @@ class DistributedPlan(LocalPlan):
         micro_batches = split_micro_batches(batch, micro_batch_size)
         n = len(micro_batches)
         scale = 1.0 / (n * self.data_parallel_size)
+        self._gather_sharded_head()
         if self.pipeline is not None:
             local = self.pipeline.forward_backward(micro_batches, loss_fn, scale, backward,
                                                    before_last=self._arm_grad_sync)
@@ -145,6 +154,15 @@ class DistributedPlan(LocalPlan):
             self.grad_sync.finish()
         return self._global_mean(local)
 
+    def _gather_sharded_head(self) -> None:
+        """Under TP with ZeRO 2/3, gather the part holding the head before the step, so that the
+        head shows its vocabulary-parallel (TP) layout when the loss context is chosen."""
+        if self.layout.tp == 1 or self.zero_stage < 2:
+            return
+        for part in self._parts:
+            if getattr(part, "head", None) is not None and hasattr(part, "unshard"):
+                part.unshard()
+
     def _arm_grad_sync(self) -> None:
         if self.grad_sync is not None and self.grad_sync.overlap:
             self.grad_sync.arm()
@@ -163,7 +181,7 @@ class DistributedPlan(LocalPlan):
             return contextlib.nullcontext()
         from lit_deepseek.parallel.tensor import loss_parallel_context
 
-        return loss_parallel_context(model)
+        return loss_parallel_context(None, enabled=self._vocab_parallel)
 
     def _global_mean(self, local: Optional[LossParts]) -> LossParts:
         """Mean over the global batch, identical on every rank (PP: the last stage's value)."""
@@ -180,6 +198,7 @@ class DistributedPlan(LocalPlan):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch: dict, loss_fn: LossFn) -> LossParts:
         loss_fn = self._loss_fn(loss_fn)
+        self._gather_sharded_head()
         if self.pipeline is not None:
             parts = self.pipeline.evaluate(batch, loss_fn)
             if parts is None:  # not the last stage: reduce_mean takes the last stage's value
