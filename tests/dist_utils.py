@@ -129,12 +129,15 @@ def _loss_fn(cfg: Any) -> Callable:
     return loss_fn
 
 
-def train_steps(cfg: Any, plan: Any, steps: int, data_rank: int = 0, data_size: int = 1) -> tuple[list, Any]:
+def train_steps(cfg: Any, plan: Any, steps: int, data_rank: int = 0, data_size: int = 1,
+                first_step: int = 0, load_from: str | None = None, save_to: str | None = None) -> tuple[list, Any]:
     """The LightningModule's step, spelled out: forward/backward, clip, AdamW, expert-bias update.
 
-    Returns (per-step [total, main, mtp, grad_norm], the parallelised model).
+    Runs steps [first_step, steps) of the fixed batch sequence, optionally resuming from and/or
+    saving a distributed checkpoint. Returns (per-step [total, main, mtp, grad_norm], the model).
     """
     from lit_deepseek.model import DeepSeekV3
+    from lit_deepseek.parallel.checkpoint import load_checkpoint, save_checkpoint
     from lit_deepseek.training.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -144,8 +147,11 @@ def train_steps(cfg: Any, plan: Any, steps: int, data_rank: int = 0, data_size: 
     parts = plan.model_parts(model)
     optimizer = build_optimizer(parts, cfg.training, plan)
     loss_fn = _loss_fn(cfg)
+    if load_from:
+        extra = load_checkpoint(load_from, parts, optimizer, plan)
+        assert extra == {"step": first_step}, extra
     history = []
-    for batch in step_batches(cfg, steps):
+    for batch in step_batches(cfg, steps)[first_step:]:
         rows = batch["input_ids"].shape[0] // data_size
         local = {k: v[data_rank * rows:(data_rank + 1) * rows] for k, v in batch.items()}
         out = plan.forward_backward(model, local, cfg.training.micro_batch_size, loss_fn)
@@ -160,6 +166,8 @@ def train_steps(cfg: Any, plan: Any, steps: int, data_rank: int = 0, data_size: 
                 moe.update_bias(load, 0.01)
                 moe.reset_stats()
         history.append([float(out.total), float(out.main), float(out.mtp or 0.0), float(norm)])
+    if save_to:
+        save_checkpoint(save_to, parts, optimizer, plan, extra={"step": steps})
     return history, model
 
 
@@ -186,18 +194,19 @@ def full_weights(plan: Any, model: Any) -> dict[str, Tensor]:
     return out
 
 
-def reference_run(cfg: Any, steps: int) -> tuple[list, dict[str, Tensor]]:
+def reference_run(cfg: Any, steps: int, **kwargs: Any) -> tuple[list, dict[str, Tensor]]:
     """The single-process run: LocalPlan, gradient accumulation over the whole global batch."""
     from lit_deepseek.training.step import LocalPlan
 
     plan = LocalPlan()
-    history, model = train_steps(cfg, plan, steps)
+    history, model = train_steps(cfg, plan, steps, **kwargs)
     weights = {n: t.detach().clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())
                if not n.endswith(("expert_load", "routed_tokens", "dropped_tokens")) and ".rope." not in f".{n}"}
     return history, weights
 
 
-def distributed_run(rank: int, world_size: int, cfg: Any, steps: int) -> tuple[list, dict[str, Tensor], dict]:
+def distributed_run(rank: int, world_size: int, cfg: Any, steps: int, kwargs: dict | None = None
+                    ) -> tuple[list, dict[str, Tensor], dict]:
     """One rank of a layout run: returns (history, full weights held here, mesh coordinate)."""
     from lit_deepseek.parallel.mesh import build_mesh
     from lit_deepseek.parallel.plan import DistributedPlan
@@ -205,21 +214,15 @@ def distributed_run(rank: int, world_size: int, cfg: Any, steps: int) -> tuple[l
     cfg.validate(world_size)
     mesh = build_mesh(cfg.parallel, world_size, "cpu")
     plan = DistributedPlan(cfg, mesh)
-    history, model = train_steps(cfg, plan, steps, plan.data_parallel_rank, plan.data_parallel_size)
+    history, model = train_steps(cfg, plan, steps, plan.data_parallel_rank, plan.data_parallel_size, **(kwargs or {}))
     return history, full_weights(plan, model), plan.coordinate
 
 
-def compare(reference: tuple[list, dict], results: list) -> tuple[float, float, float]:
-    """Max relative differences (losses, gradient norms, weights) over steps, ranks and tensors."""
-    ref_hist, ref_w = reference
-    loss_diff = norm_diff = 0.0
-    weight_diff = 0.0
+def weight_difference(ref_w: dict[str, Tensor], weights_by_rank: list[dict[str, Tensor]]) -> float:
+    """Max over tensors of ||w - ref|| / ||ref||; every reference tensor must be held by some rank."""
+    weight_diff, worst = 0.0, ""
     seen: set[str] = set()
-    for hist, weights, _ in results:
-        for ref_step, step in zip(ref_hist, hist, strict=True):
-            for a, b in zip(ref_step[:3], step[:3], strict=True):
-                loss_diff = max(loss_diff, abs(a - b) / max(abs(a), 1e-12))
-            norm_diff = max(norm_diff, abs(ref_step[3] - step[3]) / max(abs(ref_step[3]), 1e-12))
+    for weights in weights_by_rank:
         for name, w in weights.items():
             ref = ref_w[name]
             assert ref.shape == w.shape, f"{name}: {tuple(w.shape)} vs reference {tuple(ref.shape)}"
@@ -232,4 +235,22 @@ def compare(reference: tuple[list, dict], results: list) -> tuple[float, float, 
         print(f"largest weight difference: {worst} {weight_diff:.2e}")
     missing = set(ref_w) - seen
     assert not missing, f"no rank holds {sorted(missing)[:5]}"
-    return loss_diff, norm_diff, weight_diff
+    return weight_diff
+
+
+def history_difference(ref_hist: list, hist: list) -> tuple[float, float]:
+    """Max relative differences of the losses and of the gradient norms, step by step."""
+    loss_diff = norm_diff = 0.0
+    for ref_step, step in zip(ref_hist, hist, strict=True):
+        for a, b in zip(ref_step[:3], step[:3], strict=True):
+            loss_diff = max(loss_diff, abs(a - b) / max(abs(a), 1e-12))
+        norm_diff = max(norm_diff, abs(ref_step[3] - step[3]) / max(abs(ref_step[3]), 1e-12))
+    return loss_diff, norm_diff
+
+
+def compare(reference: tuple[list, dict], results: list) -> tuple[float, float, float]:
+    """Max relative differences (losses, gradient norms, weights) over steps, ranks and tensors."""
+    ref_hist, ref_w = reference
+    diffs = [history_difference(ref_hist, hist) for hist, _, _ in results]
+    return (max(d[0] for d in diffs), max(d[1] for d in diffs),
+            weight_difference(ref_w, [weights for _, weights, _ in results]))
