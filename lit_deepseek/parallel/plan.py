@@ -60,6 +60,9 @@ class DistributedPlan(LocalPlan):
     # ------------------------------------------------------------------ layout
     @property
     def is_last_stage(self) -> bool:
+        """Whether this rank holds the last pipeline stage (pp rank 0 under the V schedules)."""
+        if self.pipeline is not None:
+            return self.pipeline.has_last_stage
         return self.coordinate["pp"] == self.layout.pp - 1
 
     @property
