@@ -12,15 +12,25 @@ Both give the same result; a test checks it.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lit_deepseek.config import MLAConfig
 from lit_deepseek.model.norm import RMSNorm
 from lit_deepseek.model.rope import apply_rotary, softmax_scale
+
+#: SDPA backends in priority order for causal training attention on CUDA. cuDNN comes first: the
+#: flash backend refuses q/k and v head dims that differ (MLA's 96/64, 192/128), which otherwise
+#: leaves the slower memory-efficient kernel. Set PREFER_CUDNN_ATTENTION = False for PyTorch's choice.
+CUDA_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH]
+PREFER_CUDNN_ATTENTION = True
+_HAS_SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 #: epsilon of the two latent norms (fixed in DeepSeek's and Hugging Face's implementations)
 LATENT_NORM_EPS = 1e-6
@@ -111,9 +121,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope[:, :, None, :].expand(b, s, h, self.qk_rope_head_dim)), dim=-1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
+        out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, h * self.v_head_dim))
 
     def _absorbed(self, q_nope: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor,
@@ -130,6 +138,14 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = torch.einsum("bhst,btc->bshc", probs, kv_latent)
         out = torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
         return self.o_proj(out.reshape(b, s, h * self.v_head_dim))
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """scaled_dot_product_attention, with the cuDNN backend preferred for causal CUDA attention."""
+    if PREFER_CUDNN_ATTENTION and _HAS_SET_PRIORITY and mask is None and q.is_cuda:
+        with sdpa_kernel(CUDA_SDPA_BACKENDS, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
 def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> Tensor:

@@ -61,4 +61,8 @@ def is_recomputing() -> bool:
     Statistics gathered in forward (expert loads, drop counts) are skipped then so that they are
     never counted twice.
     """
+    if torch.compiler.is_compiling():
+        # a compiled region's recomputation happens inside its compiled backward graph, which never
+        # runs this Python again; the traced forward runs once per real forward
+        return False
     return torch._C._current_graph_task_id() != -1

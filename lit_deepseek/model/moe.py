@@ -85,6 +85,38 @@ class GroupedExperts(nn.Module):
         return out
 
 
+class _PermuteRows(torch.autograd.Function):
+    """out = x[perm] for a permutation `perm` with inverse `inv`; backward is the gather grad[inv]
+    (no scatter, no atomics, deterministic)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
+        ctx.save_for_backward(inv)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inv,) = ctx.saved_tensors
+        return grad[inv], None, None
+
+
+class _ExpandRows(torch.autograd.Function):
+    """x_sorted = x[order // k] where `order` is a permutation of the n*k token copies: each token
+    appears k times. Backward sums each token's k copies, found through the inverse permutation."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, order: Tensor, inv: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (inv,) = ctx.saved_tensors
+        k = ctx.k
+        return grad[inv].view(-1, k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
 class _AuxLossInBackward(torch.autograd.Function):
     """Identity on the MoE output in forward; in backward, seeds the balance loss with
     d(loss)/d(loss) = scale so its gradient joins the main one without changing the forward's value."""
@@ -123,6 +155,8 @@ class MoE(nn.Module):
         self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
         self.aux_loss_grad_scale: float = 1.0
         self.use_grouped_mm: bool | None = None  # None = automatic (CUDA + bf16)
+        #: gather-based token permutation when no copy is dropped (False: index/index_add reference)
+        self.fast_permute: bool = True
         self.last_aux_loss: Tensor | None = None
         self.last_drop_rate: Tensor | None = None
 
@@ -222,7 +256,13 @@ class MoE(nn.Module):
             if not is_recomputing():
                 self.dropped_tokens += dropped.to(self.dropped_tokens.dtype)
         token_of_copy = order // k
-        x_sorted = x_flat[token_of_copy]
+        # every copy kept: `order` is a permutation of the n*k copies and both directions are gathers
+        permute = self.fast_permute and self.moe.capacity_factor is None
+        if permute:
+            inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            x_sorted = _ExpandRows.apply(x_flat, order, inv, k)
+        else:
+            x_sorted = x_flat[token_of_copy]
 
         start, end = self.dispatcher.local_expert_range(e)
         if (start, end) != (self.experts.expert_start, self.experts.expert_start + self.experts.num_local_experts):
@@ -233,8 +273,12 @@ class MoE(nn.Module):
         y_local = self.experts(x_local, local_counts, self.use_grouped_mm)
         y_sorted = self.dispatcher.combine(y_local, handle)
 
-        y_sorted = y_sorted * flat_weights[order].to(y_sorted.dtype)[:, None]
-        out = torch.zeros_like(x_flat).index_add_(0, token_of_copy, y_sorted.to(x_flat.dtype))
+        if permute:
+            y = _PermuteRows.apply(y_sorted, inv, order).view(n, k, -1)
+            out = (y * weights.to(y.dtype)[:, :, None]).sum(dim=1).to(x_flat.dtype)
+        else:
+            y_sorted = y_sorted * flat_weights[order].to(y_sorted.dtype)[:, None]
+            out = torch.zeros_like(x_flat).index_add_(0, token_of_copy, y_sorted.to(x_flat.dtype))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
         out = out.view(shape)
