@@ -86,3 +86,76 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path: Path) -> None:
         assert max(history_difference(full[0][1:], history)) < TOLERANCE, (history, full[0][1:])
     assert weight_difference(full[1], [r[1] for r in results]) < TOLERANCE
     assert weight_difference(full[1], [single[1]]) < TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------
+# The Trainer strategy with the project's LightningModule
+# --------------------------------------------------------------------------------------------
+
+
+def _fit(cfg: object, steps: int, devices: int, checkpoint: str | None = None) -> dict:
+    """Fit the LightningModule for `steps` optimizer steps; returns full weights (and the data slice seen)."""
+    import lightning as L
+    import torch
+    from dist_utils import full_weights, step_batches
+    from torch.utils.data import DataLoader
+
+    from lit_deepseek.parallel.strategy import DeepSeekStrategy
+    from lit_deepseek.training.module import DeepSeekLightningModule
+
+    class StepBatches(L.LightningDataModule):
+        """Each optimizer step's batch, sliced to this data-parallel rank (set by the strategy)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.slice = (0, 1)
+
+        def set_data_parallel(self, rank: int, size: int) -> None:
+            self.slice = (rank, size)
+
+        def train_dataloader(self) -> DataLoader:
+            rank, size = self.slice
+            rows = cfg.training.global_batch_size // size
+            batches = [{k: v[rank * rows:(rank + 1) * rows] for k, v in b.items()} for b in step_batches(cfg, steps)]
+            return DataLoader(batches, batch_size=None)
+
+    torch.manual_seed(0)
+    module = DeepSeekLightningModule(cfg.model, cfg.training, cfg.parallel)
+    strategy = DeepSeekStrategy(config=cfg) if devices > 1 else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        precision="32-true", use_distributed_sampler=False)  # the data module slices itself
+    data = StepBatches()
+    trainer.fit(module, datamodule=data)
+    if checkpoint:
+        trainer.save_checkpoint(checkpoint)
+    plan = module.plan
+    weights = full_weights(plan, module.model) if devices > 1 else {
+        n: t.detach().clone() for n, t in list(module.model.named_parameters()) + list(module.model.named_buffers())
+        if not n.endswith(("expert_load", "routed_tokens", "dropped_tokens")) and ".rope." not in f".{n}"}
+    return {"weights": weights, "slice": data.slice, "step": trainer.global_step}
+
+
+def _fit_rank(rank: int, world_size: int, cfg: object, steps: int, checkpoint: str) -> dict:
+    return _fit(cfg, steps, world_size, checkpoint)
+
+
+def test_trainer_strategy_matches_single_process_and_checkpoints(tmp_path: Path) -> None:
+    from lit_deepseek.model import DeepSeekV3
+    from lit_deepseek.parallel.checkpoint import load_checkpoint
+
+    layout = {"expert_parallel_size": 2, "zero_stage": 1}
+    cfg = tiny_run_config(parallel=layout, steps_batch=4, model=MODEL)
+    ckpt = str(tmp_path / "trainer.ckpt")
+    results = run_distributed(_fit_rank, 2, cfg, 2, ckpt, timeout_s=150, init_process_group=False)
+    assert [r["slice"] for r in results] == [(0, 2), (1, 2)]  # the strategy told the data module its slice
+    assert all(r["step"] == 2 for r in results)
+    single = _fit(tiny_run_config(steps_batch=4, model=MODEL), 2, 1)
+    assert weight_difference(single["weights"], [r["weights"] for r in results]) < TOLERANCE
+
+    # the Trainer's distributed checkpoint loads into one process
+    model = DeepSeekV3(cfg.model)
+    extra = load_checkpoint(ckpt, [model])
+    assert extra["global_step"] == 2
+    loaded = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n in single["weights"]}
+    assert weight_difference(single["weights"], [loaded]) < TOLERANCE
