@@ -147,3 +147,15 @@ def test_all_to_all_dispatch_combine_and_gradients() -> None:
         torch.testing.assert_close(r["y"], r["x"] * scale, rtol=0, atol=0)
         torch.testing.assert_close(r["grad"], scale * torch.arange(r["x"].shape[1], dtype=r["x"].dtype))
         assert torch.equal(r["global"], total)
+
+
+def test_fabric_strategy_rejects_a_bad_layout_before_any_process_group() -> None:
+    import lightning as L
+
+    from lit_deepseek.parallel.strategy import DeepSeekFabricStrategy
+
+    cfg = tiny_run_config(parallel={"tensor_parallel_size": 2, "data_parallel_size": 1})
+    fabric = L.Fabric(accelerator="cpu", devices=1, strategy=DeepSeekFabricStrategy(cfg))
+    with pytest.raises(ConfigError, match="world size is 1"):
+        fabric.launch()
+    assert not dist.is_initialized()
