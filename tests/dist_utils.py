@@ -44,6 +44,8 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, a
         if init_pg:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = ("ok", fn(rank, world_size, *args))
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 hosts the store: it must not leave while others still use it
     except BaseException:  # noqa: B036 - report every failure to the parent
         result = ("error", traceback.format_exc())
     finally:
