@@ -123,6 +123,18 @@ def fp8_grouped_mm_t(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = Fals
                                     offs=offsets, out_dtype=torch.bfloat16)
 
 
+@torch.library.custom_op("lit_deepseek::grouped_weight_grad", mutates_args=())
+def _grouped_weight_grad_op(g: Tensor, x: Tensor, offsets: Tensor, num_groups: int) -> Tensor:
+    """Opaque to the compiler, so the layouts below are the ones the kernel gets: with g [M, N]
+    row-major, g.t() is column-major and no group size needs 16-byte alignment along the tokens."""
+    return _grouped_mm()(g.contiguous().t(), x.contiguous(), offs=offsets)
+
+
+@_grouped_weight_grad_op.register_fake
+def _(g: Tensor, x: Tensor, offsets: Tensor, num_groups: int) -> Tensor:
+    return g.new_empty(num_groups, g.shape[1], x.shape[1])
+
+
 def grouped_weight_grad(g: Tensor, x: Tensor, offsets: Tensor, num_groups: int, emulate: bool) -> Tensor:
     """Per-group g_e.T @ x_e -> [E, N, K] in bf16 (the weight gradient of a grouped product)."""
     if emulate:
@@ -133,7 +145,7 @@ def grouped_weight_grad(g: Tensor, x: Tensor, offsets: Tensor, num_groups: int, 
                 out[e] = g[start:end].float().t() @ x[start:end].float()
             start = end
         return out
-    return _grouped_mm()(g.t(), x, offs=offsets)
+    return _grouped_weight_grad_op(g, x, offsets, num_groups)
 
 
 class _Fp8GroupedLinear(torch.autograd.Function):
