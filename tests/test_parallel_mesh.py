@@ -159,3 +159,24 @@ def test_fabric_strategy_rejects_a_bad_layout_before_any_process_group() -> None
     with pytest.raises(ConfigError, match="world size is 1"):
         fabric.launch()
     assert not dist.is_initialized()
+
+
+def _empty_expert_worker(rank: int, world_size: int) -> dict:
+    hidden = 3
+    group = dist.new_group(list(range(world_size)))
+    dispatcher = AllToAllDispatcher(group)
+    counts = torch.tensor([2, 1, 0, 0])  # 4 experts  # nobody routes to rank 1's experts (2 and 3)
+    x = torch.randn(int(counts.sum()), hidden, requires_grad=True)
+    x_local, local_counts, handle = dispatcher.dispatch(x, counts)
+    # experts that received nothing produce an output outside the autograd graph
+    y_local = x_local * 2 if int(local_counts.sum()) else torch.zeros(0, hidden)
+    dispatcher.combine(y_local, handle).sum().backward()
+    return {"grad": x.grad, "received": int(local_counts.sum())}
+
+
+def test_rank_whose_experts_receive_nothing_still_joins_backward() -> None:
+    """Without this, the other EP ranks wait forever in the backward all-to-all."""
+    results = run_distributed(_empty_expert_worker, 2, timeout_s=60)
+    assert [r["received"] for r in results] == [6, 0]
+    for r in results:
+        torch.testing.assert_close(r["grad"], torch.full_like(r["grad"], 2.0))
