@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any, Optional
 
 from jsonargparse import Namespace, set_parsing_settings
@@ -30,6 +31,12 @@ from lit_deepseek.config import (
 )
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+# Advice that does not apply here: checkpoints are taken after the optimizer step on purpose, and
+# validation losses are already reduced over data-parallel ranks by the training plan.
+for _pattern in (".*Using ModelCheckpoint with manual optimization.*", ".*sync_dist=True.*",
+                 ".*isinstance\\(treespec, LeafSpec\\).*"):
+    warnings.filterwarnings("ignore", message=_pattern)
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig, "data": DataConfig,
             "checkpoint": CheckpointConfig, "logging": LoggingConfig}
