@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 from jsonargparse import Namespace, set_parsing_settings
@@ -20,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_deepseek.config import (
     CheckpointConfig,
+    ConfigError,
     DataConfig,
     DeepSeekConfig,
     LoggingConfig,
@@ -37,6 +39,8 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 for _pattern in (".*Using ModelCheckpoint with manual optimization.*", ".*sync_dist=True.*",
                  ".*isinstance\\(treespec, LeafSpec\\).*"):
     warnings.filterwarnings("ignore", message=_pattern)
+
+DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepspeed_config.json"
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig, "data": DataConfig,
             "checkpoint": CheckpointConfig, "logging": LoggingConfig}
@@ -93,6 +97,7 @@ class LitDeepSeekCLI(LightningCLI):
         trainer_ns = _to_plain(ns.get("trainer")) or {}
         self.world_size = resolve_world_size(trainer_ns)
         validate_config(self.deepseek_config, self.world_size)
+        check_strategy(self.deepseek_config, self.world_size, trainer_ns.get("strategy", "auto"))
 
     def instantiate_classes(self) -> None:
         from lit_deepseek.data.datamodule import DeepSeekDataModule
@@ -159,9 +164,24 @@ class LitDeepSeekCLI(LightningCLI):
         self.trainer = Trainer(**config)
 
 
+def check_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> None:
+    """Strategy rules that need no process group: DeepSpeed is data-parallel only; fp16 needs one process."""
+    parallel = world_size > 1 or cfg.parallel.model_parallel_size() > 1
+    if isinstance(requested, str) and requested.startswith("deepspeed") and cfg.parallel.model_parallel_size() != 1:
+        raise ConfigError("trainer.strategy: DeepSpeed runs data-parallel layouts only; set "
+                          "parallel.tensor_parallel_size, pipeline_parallel_size and expert_parallel_size to 1 "
+                          "or leave trainer.strategy at auto")
+    if parallel and requested in (None, "auto") and cfg.training.precision == "16-mixed":
+        raise ConfigError("training.precision: 16-mixed is not supported by the parallel strategy; use bf16-mixed")
+
+
 def build_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> Any:
     """Our parallel strategy whenever more than one process or any model parallelism is asked for."""
     p = cfg.parallel
+    if requested == "deepspeed":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(config=str(DEEPSPEED_CONFIG))
     if requested not in (None, "auto"):
         return None
     if world_size == 1 and p.model_parallel_size() == 1:

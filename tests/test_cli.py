@@ -115,3 +115,9 @@ def test_convert_round_trip_through_the_cli(tmp_path: Path) -> None:
         torch.testing.assert_close(load_hf_model(tmp_path / "hf2")(ids), model(ids), rtol=0, atol=0)
     proc = run_cli("convert", str(tmp_path / "missing"), str(tmp_path / "x"), "--to", "native", cwd=tmp_path)
     assert_one_line_error(proc, "convert")
+
+
+def test_deepspeed_is_refused_for_model_parallel_layouts(tmp_path: Path) -> None:
+    proc = run_cli("fit", "--config", str(DEMO), "--trainer.strategy", "deepspeed", "--trainer.accelerator", "cpu",
+                   "--trainer.devices", "2", "--parallel.expert_parallel_size", "2", cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, "DeepSpeed runs data-parallel layouts only")
