@@ -403,6 +403,48 @@ def curves(device: torch.device, config: str, batch: int, seq: int, ref_steps: i
     return out
 
 
+# ------------------------------------------------------------------------------------ FP8 check
+def fp8_check(device: torch.device, config: str, seq: int, batch: int = 2) -> list[dict[str, Any]]:
+    """Same weights and tokens through bf16 and FP8, eager and compiled: loss, relative difference of
+    the final hidden states to bf16 eager, and a causality probe (changing the last token must not
+    change any earlier position's hidden state)."""
+    from lit_deepseek.kernels.compile import compile_blocks
+    from lit_deepseek.kernels.fp8 import convert_to_fp8
+    from lit_deepseek.training.loss import IGNORE_INDEX, model_loss
+
+    cfg = CONFIGS[config](0)
+    set_global_fast(True)
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in build_ours(cfg, device).state_dict().items()}
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    ids2 = ids.clone()
+    ids2[:, -1] = (ids2[:, -1] + 1) % cfg.vocab_size
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
+    rows, ref_h = [], None
+    for fp8, compiled in ((False, False), (True, False), (True, True), (False, True)):
+        model = build_ours(cfg, device)
+        model.load_state_dict(state)
+        if fp8:
+            convert_to_fp8(model, emulate=device.type != "cuda")
+        if compiled:
+            compile_blocks(model)
+        h1, _ = model(ids, return_hidden=True)
+        h1, _ = model(ids, return_hidden=True)
+        h2, _ = model(ids2, return_hidden=True)
+        loss = model_loss(model.head.weight, h1, [], labels, 0.0).total
+        leak = (h1[:, :-1].float() - h2[:, :-1].float()).abs().max().item()
+        if ref_h is None:
+            ref_h = h1.detach().float()
+        diff = ((h1.detach().float() - ref_h).norm() / ref_h.norm()).item()
+        rows.append({"fp8": fp8, "compiled": compiled, "loss": loss.item(), "leak_max_abs": leak, "rel_diff_h": diff})
+        print(f"  fp8 check fp8={fp8} compiled={compiled}: loss {loss.item():.4f}, causality leak {leak:.3g}, "
+              f"rel diff vs bf16 eager {diff:.4f}", flush=True)
+        del model, h1, h2, loss
+        free(device)
+        torch._dynamo.reset()
+    return rows
+
+
 # ------------------------------------------------------------------------------------ memory fit
 def fit(device: torch.device, config: str, seq: int, batches: list[int], compiled: bool) -> list[dict[str, Any]]:
     """One full step (forward, backward, AdamW) at increasing batch sizes until out of memory."""
@@ -650,6 +692,18 @@ def main() -> None:
                 for line in r.get("top_kernels") or []:
                     print("     ", line, flush=True)
         sections += [fmt_table(rows, mm), ""]
+
+    if "fp8check" in phases and not over_budget():
+        try:
+            for r in fp8_check(device, "tiny" if args.tiny else "small", args.tiny_seq if args.tiny else 1024):
+                record("fp8check", r)
+                sections.append(f"FP8 check (small, 2 x 1024): fp8={r['fp8']} compiled={r['compiled']} loss "
+                                f"{r['loss']:.4f}, causality leak {r['leak_max_abs']:.3g}, rel diff to bf16 eager "
+                                f"{r['rel_diff_h']:.4f}")
+            sections.append("")
+        except Exception as exc:
+            traceback.print_exc()
+            sections += [f"FP8 check failed: {type(exc).__name__}: {exc}", ""]
 
     if "curves" in phases and not over_budget():
         try:

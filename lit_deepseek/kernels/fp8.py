@@ -62,7 +62,33 @@ def fp8_mm_t(a: Tensor, b: Tensor, emulate: bool = False, out_dtype: torch.dtype
     bq, sb = quantize_rows(b)
     if emulate:
         return ((aq.float() * sa) @ (bq.float() * sb).t()).to(out_dtype)
-    return torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
+    return _scaled_mm_t_op(aq, sa, bq, sb).to(out_dtype)
+
+
+# The FP8 kernels are called through custom ops: opaque to torch.compile, so a compiled model runs
+# exactly the kernels (and operand layouts) that the eager path and the tests use.
+@torch.library.custom_op("lit_deepseek::scaled_mm_t", mutates_args=())
+def _scaled_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor) -> Tensor:
+    """aq [M, K] e4m3 with scales sa [M, 1]; bq [N, K] e4m3 with sb [N, 1] -> bf16 [M, N]."""
+    return torch._scaled_mm(aq.contiguous(), bq.contiguous().t(), scale_a=sa.reshape(-1, 1).contiguous(),
+                            scale_b=sb.reshape(1, -1).contiguous(), out_dtype=torch.bfloat16)
+
+
+@_scaled_mm_t_op.register_fake
+def _(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor) -> Tensor:
+    return aq.new_empty(aq.shape[0], bq.shape[0], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("lit_deepseek::scaled_grouped_mm_t", mutates_args=())
+def _scaled_grouped_mm_t_op(xq: Tensor, sx: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor) -> Tensor:
+    """xq [M, K] e4m3 rows sorted by group, sx [M, 1]; wq [E, N, K] e4m3, sw [E, N, 1] -> bf16 [M, N]."""
+    return torch._scaled_grouped_mm(xq.contiguous(), wq.contiguous().transpose(-2, -1), sx.reshape(-1).contiguous(),
+                                    sw.reshape(sw.shape[0], -1).contiguous(), offs=offsets, out_dtype=torch.bfloat16)
+
+
+@_scaled_grouped_mm_t_op.register_fake
+def _(xq: Tensor, sx: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor) -> Tensor:
+    return xq.new_empty(xq.shape[0], wq.shape[1], dtype=torch.bfloat16)
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -119,8 +145,7 @@ def fp8_grouped_mm_t(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = Fals
                 out[start:end] = (xd[start:end] @ wd[e].t()).to(out.dtype)
             start = end
         return out
-    return torch._scaled_grouped_mm(xq, wq.transpose(-2, -1), sx.squeeze(-1), sw.squeeze(-1),
-                                    offs=offsets, out_dtype=torch.bfloat16)
+    return _scaled_grouped_mm_t_op(xq, sx, wq, sw, offsets)
 
 
 @torch.library.custom_op("lit_deepseek::grouped_weight_grad", mutates_args=())
