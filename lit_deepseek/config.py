@@ -515,35 +515,52 @@ def _memory_estimate(cfg: DeepSeekConfig, world_size: Optional[int]) -> dict[str
 
 
 def _activation_bytes(cfg: DeepSeekConfig) -> float:
-    """Saved activations of one micro-batch on one pipeline stage (bf16 under mixed precision)."""
+    """Bytes kept for backward by one micro-batch on one pipeline stage, plus the loss's buffers.
+
+    Counts the tensors the eager training path saves per token (measured against an H200 run of
+    benchmarks/bench_train.py: within +10% of the peak for the small config at 4096 and 8192): each
+    RMSNorm keeps its float32 copy, the normed value and its output; attention keeps the projected
+    queries, the latents, the decompressed keys/values, the concatenated q and k, the output and the
+    log-sum-exp; an MoE layer keeps the router's float32 input, the k sorted copies and their
+    weighted outputs, and four SwiGLU tensors (gate, up, silu, product) per routed copy and per
+    shared expert. A torch.compile'd model keeps about a quarter less (pointwise ops recomputed).
+    """
     m, t, p = cfg.model, cfg.training, cfg.parallel
-    a = m.mla
+    a, e = m.mla, m.moe
     tokens = t.micro_batch_size * t.seq_length
     act = 4 if t.precision == "32-true" else 2
-    h = a.num_heads
-    attn = (2 * a.d_model + a.d_q_latent * 2 + h * a.qk_head_dim * 2 + a.d_latent * 2
-            + a.qk_rope_head_dim + h * (a.qk_nope_head_dim + a.v_head_dim) + h * a.v_head_dim * 2)
-    k = m.moe.num_experts_per_token
-    moe_layer = (a.d_model * (2 + 2 * k) + 4 * m.moe.num_experts
-                 + (k + m.moe.num_shared_experts) * 3 * m.moe.expert_intermediate_size)
-    dense_layer = 2 * a.d_model + 3 * m.dense_intermediate_size
+    f32 = 4
+    d, h, k = a.d_model, a.num_heads, e.num_experts_per_token
+
+    def norm(width: int) -> int:
+        return width * (f32 + 2 * act)
+
+    attn = (norm(d) + (norm(a.d_q_latent) if a.d_q_latent > 0 else 0) + act * h * a.qk_head_dim
+            + norm(a.d_latent) + act * (a.d_latent + a.qk_rope_head_dim)
+            + act * h * (a.qk_nope_head_dim + a.v_head_dim)
+            + 2 * act * h * a.qk_head_dim + act * h * a.v_head_dim + f32 * h)
+    routed = 4 * act * k * e.expert_intermediate_size
+    shared = 4 * act * e.num_shared_experts * e.expert_intermediate_size
+    moe_layer = norm(d) + f32 * d + 2 * act * k * d + routed + shared + 3 * f32 * e.num_experts
+    dense_layer = norm(d) + 4 * act * m.dense_intermediate_size
     layers = m.num_layers + m.mtp_depth
     per_stage_layers = math.ceil(layers / p.pipeline_parallel_size)
     n_dense = min(m.first_dense_layers, per_stage_layers)
-    per_layer_total = (attn * per_stage_layers + moe_layer * (per_stage_layers - n_dense)
-                       + dense_layer * n_dense) * tokens * act
+    n_moe = per_stage_layers - n_dense
+    # MTP: two input norms and the concatenation; final norm and the fused loss's hidden-state gradient
+    mtp_extra = m.mtp_depth * (3 * norm(d) + 2 * act * d) if p.pipeline_parallel_size == 1 else 0
+    outside = norm(d) + act * d
+    per_token = attn * per_stage_layers + moe_layer * n_moe + dense_layer * n_dense + mtp_extra + outside
     if t.activation_checkpointing == "full":
-        stored = per_stage_layers * a.d_model * tokens * act + per_layer_total / per_stage_layers
+        per_token = per_stage_layers * act * d + attn + moe_layer + outside
     elif t.activation_checkpointing == "selective":
-        stored = per_layer_total - (per_stage_layers - n_dense) * (
-            k + m.moe.num_shared_experts) * 3 * m.moe.expert_intermediate_size * tokens * act
-    else:
-        stored = per_layer_total
+        per_token -= n_moe * routed
     # Pipeline schedules keep up to PP micro-batches in flight on the first stage.
     in_flight = min(p.pipeline_parallel_size, max(1, t.global_batch_size // t.micro_batch_size))
     chunk = min(t.loss_chunk_size, tokens)
-    logits = chunk * m.vocab_size * 4 * 3  # fp32 logits, softmax and grad of one chunk
-    return stored * in_flight + logits
+    # one chunk's float32 logits and softmax and its bf16 gradient; the head's float32 gradient
+    loss = chunk * m.vocab_size * (f32 + f32 + act) + m.vocab_size * d * f32
+    return per_token * tokens * in_flight + loss
 
 
 # --------------------------------------------------------------------------------------------

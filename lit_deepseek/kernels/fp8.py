@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_deepseek.config import ConfigError
+from lit_deepseek.model.moe import GroupedExperts
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -194,41 +195,24 @@ def fp8_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = Fa
     return _Fp8GroupedLinear.apply(x, w, offsets, emulate)
 
 
-def _experts_class() -> type:
-    from lit_deepseek.model.moe import GroupedExperts
+class Float8GroupedExperts(GroupedExperts):
+    """Routed SwiGLU experts with FP8 grouped products; same parameters as GroupedExperts."""
 
-    return GroupedExperts
+    fp8_enabled: bool = True
+    fp8_emulate: bool = False
 
-
-def _make_fp8_experts() -> type:
-    base = _experts_class()
-
-    class Float8GroupedExperts(base):  # type: ignore[misc, valid-type]
-        """Routed SwiGLU experts with FP8 grouped products; same parameters as GroupedExperts."""
-
-        fp8_enabled: bool = True
-        fp8_emulate: bool = False
-
-        def forward(self, x: Tensor, counts: Tensor, use_grouped_mm: Optional[bool] = None) -> Tensor:
-            if not self.fp8_enabled:
-                return super().forward(x, counts, use_grouped_mm)
-            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-            e = self.fp8_emulate
-            h = F.silu(fp8_grouped_linear(x, self.w1, offsets, e)) * fp8_grouped_linear(x, self.w3, offsets, e)
-            return fp8_grouped_linear(h, self.w2, offsets, e).to(x.dtype)
-
-    return Float8GroupedExperts
-
-
-_FP8_EXPERTS: Optional[type] = None
+    def forward(self, x: Tensor, counts: Tensor, use_grouped_mm: Optional[bool] = None) -> Tensor:
+        if not self.fp8_enabled:
+            return super().forward(x, counts, use_grouped_mm)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        e = self.fp8_emulate
+        h = F.silu(fp8_grouped_linear(x, self.w1, offsets, e)) * fp8_grouped_linear(x, self.w3, offsets, e)
+        return fp8_grouped_linear(h, self.w2, offsets, e).to(x.dtype)
 
 
 def float8_experts_class() -> type:
-    """The FP8 subclass of `GroupedExperts` (built lazily to keep imports one-way)."""
-    global _FP8_EXPERTS
-    if _FP8_EXPERTS is None:
-        _FP8_EXPERTS = _make_fp8_experts()
-    return _FP8_EXPERTS
+    """The FP8 subclass of `GroupedExperts` that `convert_to_fp8` switches experts to."""
+    return Float8GroupedExperts
 
 
 # ---------------------------------------------------------------------------------- conversion
@@ -259,8 +243,7 @@ def convert_to_fp8(model: nn.Module, emulate: bool = False, skip: tuple[str, ...
     """
     if not emulate:
         check_fp8_supported()
-    fp8_experts = float8_experts_class()
-    base_experts = _experts_class()
+    fp8_experts, base_experts = Float8GroupedExperts, GroupedExperts
     counts = {"linear": 0, "experts": 0}
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
