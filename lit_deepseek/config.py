@@ -223,6 +223,8 @@ class TrainingConfig:
     """Lightning precision plugin."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations per block: none, full blocks, or selective (MoE experts only)."""
+    compile: bool = False
+    """Regional torch.compile of each transformer block (fuses norms, RoPE, SwiGLU, routing; GPU speed lever)."""
     seed: int = 1234
     """Seed for initialisation, data order and dropout-free determinism."""
     deterministic: bool = False

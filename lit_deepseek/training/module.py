@@ -72,6 +72,17 @@ class DeepSeekLightningModule(L.LightningModule):
             from lit_deepseek.training.checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model, self.training_config.activation_checkpointing)
+        parts = self.plan.model_parts(self.model)
+        if self.training_config.use_fp8:
+            from lit_deepseek.kernels.fp8 import convert_to_fp8
+
+            for part in parts:
+                convert_to_fp8(part)
+        if self.training_config.compile:
+            from lit_deepseek.kernels.compile import compile_blocks
+
+            for part in parts:
+                compile_blocks(part)
 
     def configure_optimizers(self) -> Any:
         parts = self.plan.model_parts(self.model)
