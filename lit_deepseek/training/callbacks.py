@@ -152,12 +152,16 @@ class ExpertLoadHeatmap(L.Callback):
         import matplotlib.pyplot as plt
 
         share = load / load.sum(dim=1, keepdim=True).clamp(min=1)
-        fig, ax = plt.subplots(figsize=(max(4, load.shape[1] * 0.25 + 2), max(3, load.shape[0] * 0.3 + 1.5)))
-        im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis")
-        ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer")
+        n_layers, n_experts = load.shape
+        fig, ax = plt.subplots(figsize=(min(16, max(5, n_experts * 0.25 + 2.5)), min(12, max(3.5, n_layers * 0.3 + 2))))
+        im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(0, n_experts, max(1, n_experts // 16)))
+        ax.set_yticks(range(0, n_layers, max(1, n_layers // 16)))
+        ax.set_xlabel("routed expert")
+        ax.set_ylabel("MoE layer (main blocks, then MTP)")
         ax.set_title(f"expert load share, step {step}")
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, ax=ax, label="share of routed tokens")
+        fig.tight_layout()
         name = f"expert_load_step{step:07d}.png"
         if self.out_dir:
             Path(self.out_dir).mkdir(parents=True, exist_ok=True)
