@@ -258,6 +258,8 @@ class DataConfig:
     """Training shards: path, glob, brace pattern or URL; null = the built-in demo corpus."""
     val_shards: Optional[str] = None
     """Validation shards (held out); null = the built-in corpus' held-out shard."""
+    test_shards: Optional[str] = None
+    """Shards for `lit-deepseek test`; null = the validation shards."""
     tokenizer: Optional[str] = None
     """A `tokenizers` JSON file; null = byte-level tokenizer (vocabulary 256 + specials)."""
     cache_dir: str = ".lit_deepseek_data"

@@ -91,6 +91,16 @@ def test_demo_trains_tracks_and_checkpoints(tmp_path: Path) -> None:
     plots = [a.path for a in client.list_artifacts(run.info.run_id, "expert_load")]
     assert any(p.endswith(".png") for p in plots), plots
 
+    # validate and test the best checkpoint: the same validation loss as the one that made it best
+    best_val = min(m.value for m in client.get_metric_history(run.info.run_id, "val/loss"))
+    for sub, key in (("validate", "val/loss"), ("test", "test/loss")):
+        proc = run_cli(sub, "--config", str(DEMO), "--training.val_batches", "2", "--logging.run_dir", str(run_dir),
+                       "--ckpt_path", str(run_dir / "checkpoints" / "best.ckpt"), "--trainer.logger", "false",
+                       "--logging.progress_bar", "false", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(line for line in proc.stdout.splitlines() if key in line)
+        assert abs(float(line.split()[-2]) - best_val) < 1e-5, line
+
 
 def test_convert_round_trip_through_the_cli(tmp_path: Path) -> None:
     import torch

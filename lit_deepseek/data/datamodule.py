@@ -461,17 +461,22 @@ class DeepSeekDataModule(pl.LightningDataModule):
             self.seed, rank, size, start_token=self._start_token, shuffle=True, document_mask=self.data.document_mask,
             batch_per_step=self.batch_per_step, lengths=self._lengths, skipped=self._skipped)
 
-    def val_dataset(self) -> Optional[PackedSequenceDataset]:
-        """This rank's fixed validation items, or None without held-out shards."""
+    def val_dataset(self, test: bool = False) -> Optional[PackedSequenceDataset]:
+        """This rank's fixed validation (or test) items, or None without held-out shards."""
         self.setup()
-        if self._val_shards is None or self.val_batches == 0:
+        shards, field_name = self._val_shards, "data.val_shards"
+        if test and self.data.test_shards is not None:
+            field_name = "data.test_shards"
+            shards = resolve_shards(self.data.test_shards, field_name)
+            self._lengths.update(shard_lengths(shards, self.tokenizer.identity(), field_name))
+        if shards is None or self.val_batches == 0:
             return None
         rank, size = self.data_parallel
         micro = self.micro_batch_size
         return PackedSequenceDataset(
-            self._val_shards, self.tokenizer.eos_id, self.seq_length, micro, micro * size, self.seed, rank, size,
+            shards, self.tokenizer.eos_id, self.seq_length, micro, micro * size, self.seed, rank, size,
             shuffle=False, document_mask=self.data.document_mask, max_items=math.ceil(self.val_batches / size),
-            lengths=self._lengths, skipped=self._skipped, field_name="data.val_shards")
+            lengths=self._lengths, skipped=self._skipped, field_name=field_name)
 
     def train_dataloader(self) -> DataLoader:
         workers = self.data.num_workers
@@ -480,6 +485,13 @@ class DeepSeekDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> Any:
         dataset = self.val_dataset()
+        if dataset is None:
+            return []
+        return DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
+
+    def test_dataloader(self) -> Any:
+        """The first `val_batches` micro-batches of data.test_shards (default: the validation shards)."""
+        dataset = self.val_dataset(test=True)
         if dataset is None:
             return []
         return DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
