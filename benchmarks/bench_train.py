@@ -76,10 +76,10 @@ def tiny_config(mtp_depth: int) -> ModelConfig:
 CONFIGS: dict[str, Callable[[int], ModelConfig]] = {"small": small_config, "large": large_config, "tiny": tiny_config}
 
 
-def run_config(cfg: ModelConfig, batch: int, seq: int) -> DeepSeekConfig:
+def run_config(cfg: ModelConfig, batch: int, seq: int, compiled: bool = False) -> DeepSeekConfig:
     """The DeepSeekConfig this benchmark trains: one GPU, bf16 weights and optimizer states."""
     training = TrainingConfig(micro_batch_size=batch, global_batch_size=batch, seq_length=seq,
-                              precision="bf16-true", activation_checkpointing="none")
+                              precision="bf16-true", activation_checkpointing="none", compile=compiled)
     parallel = ParallelConfig(expert_parallel_size=1, data_parallel_size=1, zero_stage=0)
     return DeepSeekConfig(model=cfg, training=training, parallel=parallel)
 
@@ -289,7 +289,7 @@ def _throughput(v: Variant, batch: int, device: torch.device, steps: int, warmup
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else float("nan")
     reserved = torch.cuda.max_memory_reserved() / GIB if device.type == "cuda" else float("nan")
-    run = run_config(cfg, batch, v.seq)
+    run = run_config(cfg, batch, v.seq, v.compiled)
     flops = run.flops_per_token(v.seq)
     tok_s = batch * v.seq / dt
     est = run.memory_estimate(world_size=1)
@@ -466,7 +466,7 @@ def fit(device: torch.device, config: str, seq: int, batches: list[int], compile
             step(ids)
             sync(device)
             peak = torch.cuda.max_memory_allocated() / GIB
-            est = run_config(cfg, b, seq).memory_estimate(world_size=1)["total"]
+            est = run_config(cfg, b, seq, compiled).memory_estimate(world_size=1)["total"]
             rows.append({"config": config, "seq": seq, "batch": b, "fits": True, "peak_gib": peak, "estimate_gib": est,
                          "compiled": compiled, "mtp": 1})
             print(f"  fit {config} seq {seq} batch {b}: peak {peak:.1f} GiB, estimate {est:.1f} GiB", flush=True)
