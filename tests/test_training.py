@@ -205,3 +205,23 @@ def test_flops_per_token_matches_the_published_mfu_figure() -> None:
     cfg.model.mtp_depth = 0
     expected = 0.238 * 989e12 / 96_000
     assert math.isclose(cfg.flops_per_token(4096), expected, rel_tol=0.02)
+
+
+def test_skipped_step_still_advances_the_data_position(tmp_path: Path) -> None:
+    import types
+
+    from lit_deepseek.config import DataConfig
+    from lit_deepseek.data.datamodule import DeepSeekDataModule
+
+    dm = DeepSeekDataModule(DataConfig(cache_dir=str(tmp_path)), seq_length=16, micro_batch_size=2,
+                            global_batch_size=4)
+    dm.trainer = types.SimpleNamespace(global_step=3)
+    assert dm.consumed_tokens == 3 * 4 * 16
+    dm.on_step_skipped()
+    assert dm.consumed_tokens == 4 * 4 * 16
+    state = dm.state_dict()
+    resumed = DeepSeekDataModule(DataConfig(cache_dir=str(tmp_path)), seq_length=16, micro_batch_size=2,
+                                 global_batch_size=4)
+    resumed.load_state_dict(state)
+    resumed.trainer = types.SimpleNamespace(global_step=3)
+    assert resumed.consumed_tokens == 4 * 4 * 16

@@ -375,6 +375,7 @@ class DeepSeekDataModule(pl.LightningDataModule):
         self._start_step = 0  # trainer.global_step at that position
         self._restored = False
         self._manual_steps = 0
+        self._skipped_steps = 0  # step batches consumed without an optimizer step since _start_token
         self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._train_shards: Optional[list[str]] = None
         self._val_shards: Optional[list[str]] = None
@@ -502,10 +503,14 @@ class DeepSeekDataModule(pl.LightningDataModule):
         """For engines without a Lightning trainer: count optimizer steps actually trained on."""
         self._manual_steps += steps
 
+    def on_step_skipped(self, steps: int = 1) -> None:
+        """A step batch was read but no optimizer step taken (a non-finite loss): the stream moves on."""
+        self._skipped_steps += steps
+
     def _steps_since_start(self) -> int:
         if self.trainer is not None:
-            return self.trainer.global_step - self._start_step
-        return self._manual_steps
+            return self.trainer.global_step - self._start_step + self._skipped_steps
+        return self._manual_steps + self._skipped_steps
 
     @property
     def consumed_tokens(self) -> int:
@@ -528,6 +533,7 @@ class DeepSeekDataModule(pl.LightningDataModule):
             log.warning("data seed changed from %s to %s: the resumed run reads another order",
                         state_dict.get("seed"), self.seed)
         self._start_token = int(state_dict["consumed_tokens"])
+        self._skipped_steps = 0
         self._start_step = int(state_dict.get("global_step", 0))
         self._manual_steps = 0
         self._restored = True

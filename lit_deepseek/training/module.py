@@ -114,6 +114,9 @@ class DeepSeekLightningModule(L.LightningModule):
         if not torch.isfinite(parts.total):
             optimizer.zero_grad(set_to_none=True)
             self._discard_expert_stats()
+            skip = getattr(getattr(self._trainer, "datamodule", None), "on_step_skipped", None)
+            if skip is not None:
+                skip()  # the data stream still moves past this batch
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
             self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, rank_zero_only=True)
