@@ -131,3 +131,16 @@ def test_deepspeed_is_refused_for_model_parallel_layouts(tmp_path: Path) -> None
     proc = run_cli("fit", "--config", str(DEMO), "--trainer.strategy", "deepspeed", "--trainer.accelerator", "cpu",
                    "--trainer.devices", "2", "--parallel.expert_parallel_size", "2", cwd=tmp_path, timeout=120)
     assert_one_line_error(proc, "DeepSpeed runs data-parallel layouts only")
+
+
+def test_fabric_custom_loop_example_trains_the_same_under_ep2_and_pp2(tmp_path: Path) -> None:
+    """The Fabric example runs on 2 CPU processes; EP2 and PP2 layouts print the same losses."""
+    example = ROOT / "examples" / "fabric_custom_loop.py"
+    losses = []
+    for layout in (["--ep", "2"], ["--pp", "2", "--ep", "1", "--zero-stage", "3"]):
+        proc = subprocess.run([sys.executable, str(example), *layout], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses.append([float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("step ")])
+    assert len(losses[0]) == 5
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
