@@ -43,7 +43,7 @@ GIB = 1024**3
 
 # ------------------------------------------------------------------------------------ configs
 def small_config(mtp_depth: int) -> ModelConfig:
-    """The issue's small shape (configs/deepseek_v3_small.yaml) on one GPU."""
+    """The small target shape (configs/deepseek_v3_small.yaml) on one GPU."""
     cfg = load_config(ROOT / "configs" / "deepseek_v3_small.yaml",
                       overrides={"parallel.expert_parallel_size": 1}, validate=False).model
     cfg.mtp_depth = mtp_depth
