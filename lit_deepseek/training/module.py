@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput
 from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
 
 from lit_deepseek.config import DeepSeekConfig, ModelConfig, ParallelConfig, TrainingConfig
 from lit_deepseek.training.loss import LossParts, model_loss
@@ -39,6 +40,9 @@ class DeepSeekLightningModule(L.LightningModule):
         self.parallel_config = parallel or ParallelConfig()
         self.peak_tflops = peak_tflops
         self.automatic_optimization = False
+        # every rank already holds the data-parallel mean of each batch, so no further sync is needed
+        self.val_loss = MeanMetric(sync_on_compute=False)
+        self.test_loss = MeanMetric(sync_on_compute=False)
         self.model: Optional[nn.Module] = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -234,17 +238,31 @@ class DeepSeekLightningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
-        parts = self.plan.evaluate(self.model, batch, self.loss_fn)
-        loss = self.plan.reduce_mean(parts.main)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=False)
-        self.log("val/perplexity", torch.exp(loss.clamp(max=50)), on_step=False, on_epoch=True)
-        return loss
+        return self._eval_step(batch, self.val_loss)
 
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, self.test_loss)
+
+    def _eval_step(self, batch: dict, metric: MeanMetric) -> Tensor:
         parts = self.plan.evaluate(self.model, batch, self.loss_fn)
-        loss = self.plan.reduce_mean(parts.main)
-        self.log("test/loss", loss, on_step=False, on_epoch=True)
+        loss = self.plan.reduce_mean(parts.main)  # already the mean over data-parallel ranks
+        metric.update(loss.detach().float())
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_loss)
+
+    def _log_eval(self, prefix: str, metric: MeanMetric) -> None:
+        """Mean loss over the evaluation batches and the perplexity of that mean."""
+        if not metric.update_called:
+            return
+        mean = metric.compute()
+        metric.reset()
+        self.log(f"{prefix}/loss", mean, prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/perplexity", torch.exp(mean.clamp(max=50)), sync_dist=False)
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
