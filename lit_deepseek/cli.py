@@ -20,14 +20,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_deepseek.config import (
-    CheckpointConfig,
+    SECTIONS,
     ConfigError,
-    DataConfig,
     DeepSeekConfig,
-    LoggingConfig,
-    ModelConfig,
-    ParallelConfig,
-    TrainingConfig,
     from_dict,
     validate_config,
 )
@@ -41,9 +36,6 @@ for _pattern in (".*Using ModelCheckpoint with manual optimization.*", ".*sync_d
     warnings.filterwarnings("ignore", message=_pattern)
 
 DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepspeed_config.json"
-
-SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig, "data": DataConfig,
-            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 # Trainer arguments that the spec's sections decide (a value set in `trainer:` that differs from
 # Lightning's default still wins).
