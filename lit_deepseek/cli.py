@@ -23,7 +23,9 @@ from lit_deepseek.config import (
     SECTIONS,
     ConfigError,
     DeepSeekConfig,
+    check_fits,
     from_dict,
+    read_yaml,
     validate_config,
 )
 
@@ -59,6 +61,7 @@ class LitDeepSeekCLI(LightningCLI):
     """LightningCLI with the spec's sections as typed groups."""
 
     def __init__(self, args: Optional[list[str]] = None, run: bool = True) -> None:
+        check_config_files(sys.argv[1:] if args is None else args)
         super().__init__(
             model_class=None,
             datamodule_class=None,
@@ -90,6 +93,8 @@ class LitDeepSeekCLI(LightningCLI):
         self.world_size = resolve_world_size(trainer_ns)
         validate_config(self.deepseek_config, self.world_size)
         check_strategy(self.deepseek_config, self.world_size, trainer_ns.get("strategy", "auto"))
+        check_fits(self.deepseek_config, self.world_size)
+        _warn_unavailable_deep_ep(self.deepseek_config)
 
     def instantiate_classes(self) -> None:
         from lit_deepseek.data.datamodule import DeepSeekDataModule
@@ -154,6 +159,33 @@ class LitDeepSeekCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         config["plugins"] = plugins or None
         self.trainer = Trainer(**config)
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each `--config FILE` is a readable, non-empty YAML mapping (ConfigError naming the file otherwise)."""
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if value is not None and os.path.exists(value):  # anything else is jsonargparse's to judge
+            read_yaml(value)
+
+
+def _warn_unavailable_deep_ep(cfg: DeepSeekConfig) -> None:
+    """`model.moe.use_deep_ep` without the deep_ep package or CUDA: one warning, then the built-in dispatcher."""
+    import importlib.util
+
+    import torch
+
+    if not cfg.model.moe.use_deep_ep:
+        return
+    missing = "the deep_ep package is not installed" if importlib.util.find_spec("deep_ep") is None else (
+        "no CUDA GPU is available" if not torch.cuda.is_available() else None)
+    if missing is None:
+        return
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(f"model.moe.use_deep_ep: {missing}; tokens are dispatched by the built-in all-to-all instead")
+    cfg.model.moe.use_deep_ep = False
 
 
 def check_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> None:

@@ -20,6 +20,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -577,6 +578,120 @@ def _activation_bytes(cfg: DeepSeekConfig) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+# Domain of every numeric (and required string) field: dotted name -> (predicate, rule shown to the
+# user). Checked first by `validate_config`, so a bad value is reported against its own field before
+# any rule that relates two fields. Optional fields (None allowed) are only checked when set.
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _gt(lo: float) -> Any:
+    return lambda v: _finite(v) and v > lo
+
+
+def _ge(lo: float) -> Any:
+    return lambda v: _finite(v) and v >= lo
+
+
+def _in(lo: float, hi: float, hi_open: bool = False) -> Any:
+    return lambda v: _finite(v) and lo <= v and (v < hi if hi_open else v <= hi)
+
+
+_POS, _NONNEG = (_gt(0), "must be a positive number"), (_ge(0), "must be a finite number >= 0")
+_SEED = (lambda v: isinstance(v, int) and 0 <= v < 2**32, "must be an integer in [0, 2**32)")
+_NONEMPTY = (lambda v: isinstance(v, str) and v.strip() != "", "must not be empty")
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.vocab_size": _POS, "model.num_layers": _POS, "model.first_dense_layers": _NONNEG,
+    "model.dense_intermediate_size": _POS, "model.mtp_depth": _NONNEG, "model.mtp_loss_weight": _NONNEG,
+    "model.init_std": _POS, "model.rms_norm_eps": _POS,
+    "model.mla.d_model": _POS, "model.mla.d_latent": _POS, "model.mla.d_q_latent": _NONNEG,
+    "model.mla.num_heads": _POS, "model.mla.qk_nope_head_dim": _POS, "model.mla.qk_rope_head_dim": _POS,
+    "model.mla.v_head_dim": _POS, "model.mla.max_context_length": _POS, "model.mla.rope_theta": _POS,
+    "model.mla.rope_factor": (_ge(1), "must be a finite number >= 1 (1 = no YaRN)"),
+    "model.mla.rope_original_context_length": _POS, "model.mla.rope_beta_fast": _POS,
+    "model.mla.rope_beta_slow": _POS, "model.mla.rope_mscale": _POS, "model.mla.rope_mscale_all_dim": _NONNEG,
+    "model.moe.num_experts": _POS, "model.moe.num_experts_per_token": _POS,
+    "model.moe.expert_intermediate_size": _POS, "model.moe.num_shared_experts": _NONNEG,
+    "model.moe.num_expert_groups": _POS, "model.moe.num_limited_groups": _POS, "model.moe.route_scale": _POS,
+    "model.moe.bias_update_speed": _NONNEG, "model.moe.capacity_factor": (_gt(0), "must be a positive number or null (dropless)"),
+    "model.moe.router_aux_loss_weight": _NONNEG,
+    "training.global_batch_size": _POS, "training.micro_batch_size": _POS, "training.learning_rate": _POS,
+    "training.min_learning_rate": _NONNEG, "training.lr_warmup_steps": _NONNEG,
+    "training.lr_decay_fraction": (_in(0, 1), "must be in [0, 1]"), "training.max_steps": _POS,
+    "training.grad_clip": (_ge(0), "must be a finite number >= 0 (0 disables)"), "training.weight_decay": _NONNEG,
+    "training.adam_beta1": (_in(0, 1, hi_open=True), "must be in [0, 1)"),
+    "training.adam_beta2": (_in(0, 1, hi_open=True), "must be in [0, 1)"), "training.adam_eps": _POS,
+    "training.seq_length": _POS, "training.seed": _SEED, "training.loss_chunk_size": _POS,
+    "training.max_nonfinite_steps": _POS, "training.val_every_n_steps": _POS,
+    "training.val_batches": (_ge(0), "must be >= 0 (0 disables validation)"),
+    "data.cache_dir": _NONEMPTY, "data.num_workers": _NONNEG, "data.seed": _SEED,
+    "checkpoint.dir": _NONEMPTY, "checkpoint.every_n_steps": _POS,
+    "checkpoint.keep_last": (lambda v: isinstance(v, int) and (v >= 1 or v == -1), "must be >= 1, or -1 to keep all"),
+    "checkpoint.monitor": _NONEMPTY,
+    "logging.run_dir": _NONEMPTY, "logging.experiment_name": _NONEMPTY, "logging.log_every_n_steps": _POS,
+    "logging.heatmap_every_n_steps": (_ge(0), "must be >= 0 (0 disables)"), "logging.peak_tflops": _POS,
+}
+
+
+def check_field_domains(cfg: DeepSeekConfig) -> None:
+    """ConfigError naming the first field outside its domain (FIELD_RULES)."""
+    for name, (ok, rule) in FIELD_RULES.items():
+        value: Any = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        if value is None and name in _OPTIONAL_FIELDS:
+            continue
+        if not ok(value):
+            raise ConfigError(f"{name}: {rule}, got {value!r}")
+
+
+_OPTIONAL_FIELDS = ("model.moe.capacity_factor", "data.seed", "logging.peak_tflops")
+
+# An allocation larger than this share of the memory it lands in is refused before anything starts.
+_FIT_SHARE = 1.0
+
+
+def check_fits(cfg: DeepSeekConfig, world_size: Optional[int] = None, device_bytes: Optional[int] = None) -> None:
+    """ConfigError when the memory estimate per device (weights, optimizer, activations, rotary tables)
+    exceeds `device_bytes` (default: one GPU's memory when CUDA is available, else the host's RAM)."""
+    if device_bytes is None:
+        device_bytes = _device_bytes()
+    if not device_bytes:
+        return
+    gib = 1024**3
+    est = cfg.memory_estimate(world_size)
+    a = cfg.model.mla
+    rope = 2 * a.max_context_length * a.qk_rope_head_dim * 4 / gib  # cos and sin tables, float32
+    need = est["total"] + rope
+    if need > _FIT_SHARE * device_bytes / gib:
+        b = cfg.param_breakdown()
+        owner = {"routed_experts": "model.moe.num_experts", "embedding": "model.vocab_size", "head": "model.vocab_size",
+                 "attention": "model.mla.d_model", "dense_ffn": "model.dense_intermediate_size",
+                 "shared_experts": "model.moe.num_shared_experts", "router": "model.moe.num_experts"}
+        weights = max(owner, key=lambda k: b.get(k, 0))
+        parts = {owner[weights]: need - est["activations"] - rope, "training.seq_length": est["activations"],
+                 "model.mla.max_context_length": rope}
+        biggest = max(parts, key=lambda k: parts[k])
+        raise ConfigError(
+            f"{biggest}: the run needs an estimated {need:,.1f} GiB per device (weights {est['weights']:.1f}, "
+            f"optimizer {est['optimizer']:.1f}, activations {est['activations']:.1f}, rotary tables {rope:.1f}) but "
+            f"the device has {device_bytes / gib:,.1f} GiB; shrink the model or batch, or add devices")
+
+
+def _device_bytes() -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    except Exception:  # noqa: BLE001 - no usable GPU: fall back to host memory
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> None:
     """Raise ConfigError (one line: field and rule) for the first impossible setting."""
     m, a, e, p, t = cfg.model, cfg.model.mla, cfg.model.moe, cfg.parallel, cfg.training
@@ -584,6 +699,8 @@ def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> No
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
+
+    check_field_domains(cfg)
 
     for name, value in (("model.vocab_size", m.vocab_size), ("model.num_layers", m.num_layers),
                         ("model.mla.d_model", a.d_model), ("model.mla.d_latent", a.d_latent),
@@ -714,12 +831,18 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def read_yaml(path: Union[str, os.PathLike]) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config: {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: {path} cannot be read: {exc}") from None
+    if data is None:
+        raise ConfigError(f"config: {path} is empty (expected sections: {', '.join(SECTIONS)})")
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of sections, got {type(data).__name__}")
     return data

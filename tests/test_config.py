@@ -156,3 +156,71 @@ def test_gradient_accumulation() -> None:
 def test_model_config_defaults_are_the_small_shape() -> None:
     m = ModelConfig()
     assert (m.num_layers, m.mla.d_model, m.moe.num_experts) == (12, 1024, 16)
+
+
+def test_every_numeric_field_has_a_domain_rule() -> None:
+    """Each int/float field of every section is covered by FIELD_RULES (or is a layout field checked in
+    validate_config), so a new field cannot slip in without a rule."""
+    import typing
+
+    from lit_deepseek.config import FIELD_RULES, SECTIONS, MLAConfig, MoEConfig
+
+    layout = {f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)}
+    sections = dict(SECTIONS, **{"model.mla": MLAConfig, "model.moe": MoEConfig})
+    missing = []
+    for prefix, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            numeric = kind in (int, float) or (typing.get_origin(kind) is typing.Union
+                                                and set(typing.get_args(kind)) & {int, float})
+            name = f"{prefix}.{f.name}"
+            if numeric and name not in FIELD_RULES and name not in layout:
+                missing.append(name)
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("field,value,rule", [
+    ("training.learning_rate", -1e-3, "training.learning_rate: must be a positive number"),
+    ("training.learning_rate", float("nan"), "training.learning_rate: must be a positive number, got nan"),
+    ("training.adam_beta1", 1.0, "training.adam_beta1: must be in [0, 1)"),
+    ("training.adam_eps", float("inf"), "training.adam_eps: must be a positive number"),
+    ("training.max_steps", 0, "training.max_steps: must be a positive number"),
+    ("training.val_every_n_steps", -5, "training.val_every_n_steps"),
+    ("training.seed", -1, "training.seed: must be an integer in [0, 2**32)"),
+    ("model.init_std", 0.0, "model.init_std: must be a positive number"),
+    ("model.mla.rope_theta", float("-inf"), "model.mla.rope_theta"),
+    ("model.moe.route_scale", float("nan"), "model.moe.route_scale"),
+    ("checkpoint.keep_last", 0, "checkpoint.keep_last: must be >= 1, or -1 to keep all"),
+    ("checkpoint.every_n_steps", 0, "checkpoint.every_n_steps"),
+    ("logging.log_every_n_steps", 0, "logging.log_every_n_steps"),
+    ("logging.run_dir", " ", "logging.run_dir: must not be empty"),
+    ("data.num_workers", -1, "data.num_workers"),
+])
+def test_field_domains_name_the_field_and_the_rule(field: str, value: object, rule: str) -> None:
+    cfg = load_config(ROOT / "configs" / "cpu_demo.yaml", overrides={field: value}, validate=False)
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(1)
+    assert str(info.value).startswith(rule), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_sizes_that_cannot_fit_are_refused_from_the_estimate() -> None:
+    from lit_deepseek.config import check_fits
+
+    cfg = load_config(ROOT / "configs" / "cpu_demo.yaml", overrides={"model.moe.num_experts": 2_000_000_000})
+    with pytest.raises(ConfigError, match=r"^model.moe.num_experts: the run needs an estimated"):
+        check_fits(cfg, 1, device_bytes=64 * 1024**3)
+    cfg = load_config(ROOT / "configs" / "cpu_demo.yaml",
+                      overrides={"training.seq_length": 10**9, "model.mla.max_context_length": 10**9})
+    with pytest.raises(ConfigError, match=r"^training.seq_length: the run needs"):
+        check_fits(cfg, 1, device_bytes=64 * 1024**3)
+    check_fits(load_config(ROOT / "configs" / "cpu_demo.yaml"), 1, device_bytes=64 * 1024**3)  # the demo fits
+
+
+def test_empty_file_and_directory_as_config(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):
+        load_config(tmp_path / "empty.yaml")
+    with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
+        load_config(tmp_path)
