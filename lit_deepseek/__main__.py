@@ -40,17 +40,45 @@ TOOLS: dict[str, Callable[[list[str]], int]] = {
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    try:
-        if args and args[0] in TOOLS:
+    if args and args[0] in TOOLS:
+        try:
             return TOOLS[args[0]](args[1:]) or 0
+        except ConfigError as exc:
+            print(f"lit-deepseek: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+    return _train(None if argv is None else args)
+
+
+def _train(args: Optional[list[str]]) -> int:
+    """fit / validate / test; every expected failure ends in one line and a non-zero status."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lit_deepseek.training.module import TrainingStopped
+
+    try:
         from lit_deepseek.cli import LitDeepSeekCLI
 
-        LitDeepSeekCLI(args=None if argv is None else args)
+        LitDeepSeekCLI(args=args)
     except ConfigError as exc:
-        print(f"lit-deepseek: error: {exc}", file=sys.stderr)
+        print(f"lit-deepseek: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except SIGTERMException as exc:
+        path = getattr(exc, "checkpoint", None)
+        saved = f"checkpoint saved to {path}; resume with --ckpt_path last" if path else "no checkpoint was saved"
+        print(f"lit-deepseek: stopped by SIGTERM; {saved}", file=sys.stderr)
+        return 143
+    except TrainingStopped as exc:
+        print(f"lit-deepseek: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
+
+def _one_line(exc: BaseException) -> str:
+    """The message of an error, also when a DataLoader worker wrapped it with its traceback."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,7 +34,7 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 # Advice that does not apply here: checkpoints are taken after the optimizer step on purpose, and
 # validation losses are already reduced over data-parallel ranks by the training plan.
 for _pattern in (".*Using ModelCheckpoint with manual optimization.*", ".*sync_dist=True.*",
-                 ".*isinstance\\(treespec, LeafSpec\\).*"):
+                 ".*isinstance\\(treespec, LeafSpec\\).*", ".*Checkpoint directory .* exists and is not empty.*"):
     warnings.filterwarnings("ignore", message=_pattern)
 
 DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepspeed_config.json"
@@ -101,19 +101,35 @@ class LitDeepSeekCLI(LightningCLI):
         from lit_deepseek.training.callbacks import (
             AtomicCheckpointIO,
             ExpertLoadHeatmap,
+            StopOnSigterm,
             TrackConfig,
             build_mlflow_logger,
+            check_tracking_uri,
             checkpoint_callbacks,
             checkpoint_dir,
         )
         from lit_deepseek.training.module import DeepSeekLightningModule
+        from lit_deepseek.training.run_guard import launch_rank, lock_run_dir, resolve_resume, tidy_checkpoint_dir
 
         self.config_init = self.config  # nothing to instantiate: the sections are plain dataclasses
         cfg = self.deepseek_config
         t, lg = cfg.training, cfg.logging
         ns = self.config.get(str(self.subcommand), self.config)
         trainer_cfg = _to_plain(ns.get("trainer")) or {}
-        resume = bool(ns.get("ckpt_path"))
+        ckpt_path = ns.get("ckpt_path")
+        ckpt_dir = checkpoint_dir(cfg)
+        user_logger = trainer_cfg.get("logger")
+        if user_logger is not False:
+            check_tracking_uri(lg)
+        if self.subcommand == "fit" and launch_rank() == 0:
+            # one run per run directory; then tidy what an interrupted run left behind
+            lock_run_dir(lg.run_dir)
+            protect = Path(ckpt_path) if ckpt_path and ckpt_path != "last" else None
+            tidy_checkpoint_dir(ckpt_dir, cfg.checkpoint.keep_last, protect=protect)
+        if ckpt_path and launch_rank() == 0:
+            ckpt_path = resolve_resume(str(ckpt_path), ckpt_dir)
+            ns["ckpt_path"] = ckpt_path
+        resume = bool(ckpt_path)
 
         self.model = DeepSeekLightningModule(cfg.model, cfg.training, cfg.parallel, lg.peak_tflops)
         self.datamodule = DeepSeekDataModule(
@@ -122,6 +138,7 @@ class LitDeepSeekCLI(LightningCLI):
             val_batches=t.val_batches, batch_per_step=True,
         )
         self.datamodule.check_vocab(cfg.model.vocab_size)
+        self.datamodule.check_cache_dir()
         derived = {
             "max_steps": t.max_steps,
             "precision": t.precision,
@@ -141,7 +158,8 @@ class LitDeepSeekCLI(LightningCLI):
                 config[key] = derived[key]
         config.pop("callbacks", None)
         user_logger = config.pop("logger", None)
-        callbacks: list[Any] = checkpoint_callbacks(cfg.checkpoint, checkpoint_dir(cfg))
+        callbacks: list[Any] = checkpoint_callbacks(cfg.checkpoint, ckpt_dir)
+        callbacks.append(StopOnSigterm())
         callbacks.append(TrackConfig(cfg, trainer_cfg))
         callbacks.append(ExpertLoadHeatmap(lg.heatmap_every_n_steps, out_dir=os.path.join(lg.run_dir, "plots")))
         config["callbacks"] = callbacks

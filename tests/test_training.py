@@ -182,6 +182,45 @@ def test_nonfinite_losses_are_skipped_then_stop_with_checkpoint(tmp_path: Path) 
     assert saved, list(ckpt_dir.iterdir()) if ckpt_dir.exists() else "no checkpoint dir"
 
 
+def test_diverged_weights_are_never_checkpointed_and_the_last_finite_one_survives(tmp_path: Path) -> None:
+    """Weights turn NaN while the loss is still finite: the save is refused (naming the tensor), keep_last
+    pruning never removed the last finite checkpoint, and last/best are hard links, not copies."""
+    import lightning as L
+
+    from lit_deepseek.training.callbacks import AtomicCheckpointIO, checkpoint_callbacks
+    from lit_deepseek.training.module import DeepSeekLightningModule, NonFiniteCheckpointError
+
+    cfg = load_config(ROOT / "configs" / "cpu_demo.yaml")
+    cfg.model.num_layers = 2
+    cfg.training.micro_batch_size = cfg.training.global_batch_size = 2
+    cfg.training.seq_length = 16
+    cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last = 1, 1
+
+    class Diverging(DeepSeekLightningModule):
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            out = super().training_step(batch, batch_idx)
+            if self.global_step == 3:
+                with torch.no_grad():
+                    self.model.layers["1"].attn.o_proj.weight[0, 0] = float("nan")
+            return out
+
+    module = Diverging(cfg.model, cfg.training)
+    batches = torch.utils.data.DataLoader([_step_batch(cfg.model.vocab_size, 1, 2, 16, seed=i) for i in range(10)],
+                                          batch_size=None)
+    ckpt_dir = tmp_path / "ckpt"
+    trainer = L.Trainer(max_steps=10, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=checkpoint_callbacks(cfg.checkpoint, ckpt_dir), limit_val_batches=0,
+                        accelerator="cpu", devices=1, plugins=[AtomicCheckpointIO()])
+    with pytest.raises(NonFiniteCheckpointError, match=r"layers.1.attn.o_proj.weight is not finite at step 3.*step0000002"):
+        trainer.fit(module, train_dataloaders=batches)
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert names == ["last.ckpt", "step0000002.ckpt"], names
+    assert (ckpt_dir / "last.ckpt").stat().st_ino == (ckpt_dir / "step0000002.ckpt").stat().st_ino
+    state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+
+
 def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
     from lit_deepseek.training.callbacks import AtomicCheckpointIO
 
@@ -195,6 +234,8 @@ def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="disk full"):
         io.save_checkpoint({"step": 2, "weights": torch.arange(1000), "boom": Unpicklable()}, path)
+        io.wait()
+    io.teardown()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 

@@ -419,6 +419,26 @@ class DeepSeekDataModule(pl.LightningDataModule):
         """ConfigError if the tokenizer's ids do not fit model.vocab_size."""
         self.tokenizer.check_vocab(model_vocab_size)
 
+    def check_cache_dir(self) -> None:
+        """ConfigError if the built-in corpus is needed and data.cache_dir cannot hold it."""
+        if self.data.train_shards is not None:
+            return
+        cache = Path(self.data.cache_dir).expanduser()
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            probe = cache / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            from lit_deepseek.data.corpus import ensure_default_corpus
+
+            try:  # a read-only cache that already holds the corpus is fine
+                ensure_default_corpus(cache, self.tokenizer)
+            except OSError:
+                raise ConfigError(f"data.cache_dir: cannot write the built-in corpus to {cache} "
+                                  f"({exc.strerror or exc}); point data.cache_dir at a writable folder or set "
+                                  f"data.train_shards") from None
+
     # -- shards ------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:

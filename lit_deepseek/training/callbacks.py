@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,37 +14,175 @@ import yaml
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_deepseek.config import CheckpointConfig, DeepSeekConfig, LoggingConfig
+from lit_deepseek.config import CheckpointConfig, ConfigError, DeepSeekConfig, LoggingConfig
+from lit_deepseek.training.run_guard import hardlink, step_checkpoints
 
 RUN_ID_FILE = "mlflow_run_id"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it
-    over the target, so a crash while saving never leaves a damaged checkpoint behind."""
+    over the target, so a crash while saving never leaves a damaged checkpoint behind.
+
+    With ``async_save`` (the default) the state is first copied off the live tensors (to pinned host
+    memory for GPU tensors) and written by one background thread, so training stalls only for that
+    copy. Writes, links and removals run in the order they were asked for; at most one checkpoint is
+    in flight, and `teardown` waits for the last one (a failed write is raised at the next call)."""
+
+    def __init__(self, async_save: bool = True) -> None:
+        super().__init__()
+        self.async_save = async_save
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._pending: list[Future] = []
+        self._pinned: dict[str, torch.Tensor] = {}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         fs = get_filesystem(str(path))
         if type(fs).__name__ != "LocalFileSystem":
+            self.wait()
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if not self.async_save:
+            return _write_atomic(checkpoint, path)
+        self.wait()  # one checkpoint in flight: its pinned buffers are reused for this one
+        self._submit(_write_atomic, self._snapshot(checkpoint, ""), path)
+
+    def link(self, src: Any, dst: Any) -> None:
+        """Point dst at src's bytes (hard link) once src is written."""
+        self._submit(hardlink, src, dst)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self._submit(super().remove_checkpoint, path)
+
+    def wait(self) -> None:
+        """Block until every queued write, link and removal is done; raise the first failure."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def teardown(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._pinned.clear()
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        if not self.async_save:
+            fn(*args)
+            return
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()  # surface a failed background write
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending.append(self._executor.submit(fn, *args))
+
+    def _snapshot(self, obj: Any, key: str) -> Any:
+        """A copy of the checkpoint that training can no longer change (tensors on the host)."""
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            if t.device.type == "cpu":
+                return t.clone()
+            buf = self._pinned.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            return buf
+        if isinstance(obj, dict):
+            out = type(obj)() if type(obj) is not dict else {}
+            for k, v in obj.items():
+                out[k] = self._snapshot(v, f"{key}/{k}")
+            if key == "" and torch.cuda.is_available():
+                torch.cuda.synchronize()  # the pinned copies are complete before the writer reads them
+            return out
+        if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+            return type(obj)(self._snapshot(v, f"{key}/{i}") for i, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+
+def _write_atomic(checkpoint: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class LinkedCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose `last` (and, for the best-checkpoint callback, `best`) is a hard link to the
+    step checkpoint of the same step rather than another full copy."""
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            io = getattr(trainer.strategy, "checkpoint_io", None)
+            if isinstance(io, AtomicCheckpointIO):
+                io.link(filepath, linkpath)
+            else:
+                hardlink(filepath, linkpath)
+        trainer.strategy.barrier()
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if self.monitor != "step":  # the best checkpoint: link to this step's periodic checkpoint if there is one
+            for cb in trainer.checkpoint_callbacks:
+                if (cb is not self and isinstance(cb, LinkedCheckpoint) and cb.monitor == "step"
+                        and cb._last_global_step_saved == trainer.global_step and cb._last_checkpoint_saved):
+                    self._link_checkpoint(trainer, cb._last_checkpoint_saved, filepath)
+                    self._last_global_step_saved = trainer.global_step
+                    self._last_checkpoint_saved = filepath
+                    return
+        super()._save_checkpoint(trainer, filepath)
+        if self.monitor == "step" and self.save_top_k > 0 and trainer.is_global_zero and self.dirpath:
+            # keep_last counts every periodic checkpoint in the folder, also those of an earlier process
+            older = [p for p in step_checkpoints(self.dirpath) if os.path.abspath(p) != os.path.abspath(filepath)]
+            for p in older[self.save_top_k - 1:]:
+                trainer.strategy.remove_checkpoint(str(p))
+
+    def save_now(self, trainer: L.Trainer) -> Optional[str]:
+        """Save this step's periodic checkpoint (and last) now, unless this step is saved already."""
+        if trainer.global_step == 0:
+            return None
+        if self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        return self._last_checkpoint_saved
+
+
+class StopOnSigterm(L.Callback):
+    """SIGTERM (what a scheduler sends before it kills a job): finish the current step, save a checkpoint,
+    and leave with exit status 143 (the CLI prints where the checkpoint is)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if getattr(trainer, "received_sigterm", False) and trainer.world_size == 1:
+            raise SIGTERMException()  # more than one process: Lightning agrees on it at the next step
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        periodic = next((cb for cb in trainer.checkpoint_callbacks
+                         if isinstance(cb, LinkedCheckpoint) and cb.monitor == "step"), None)
+        path = periodic.save_now(trainer) if periodic is not None else None
+        io = getattr(trainer.strategy, "checkpoint_io", None)
+        if isinstance(io, AtomicCheckpointIO):
+            io.wait()
+        exception.checkpoint = path  # type: ignore[attr-defined]
 
 
 def checkpoint_dir(cfg: DeepSeekConfig) -> Path:
@@ -51,14 +191,14 @@ def checkpoint_dir(cfg: DeepSeekConfig) -> Path:
 
 
 def checkpoint_callbacks(ckpt: CheckpointConfig, dirpath: Path) -> list[ModelCheckpoint]:
-    """Periodic (keep-last-N), last and best-by-validation-loss checkpoints."""
-    callbacks = [ModelCheckpoint(
+    """Periodic (keep-last-N), last and best-by-validation-loss checkpoints; last and best are hard links."""
+    callbacks = [LinkedCheckpoint(
         dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=ckpt.every_n_steps, save_top_k=ckpt.keep_last, monitor="step", mode="max",
-        save_last=ckpt.save_last, save_on_train_epoch_end=False,
+        save_last="link" if ckpt.save_last else False, save_on_train_epoch_end=False, enable_version_counter=False,
     )]
     if ckpt.save_best:
-        callbacks.append(ModelCheckpoint(
+        callbacks.append(LinkedCheckpoint(
             dirpath=dirpath, filename="best", auto_insert_metric_name=False, monitor=ckpt.monitor, mode="min",
             save_top_k=1, save_last=False, enable_version_counter=False,
         ))
@@ -71,9 +211,50 @@ def tracking_uri(cfg: LoggingConfig) -> str:
     return f"sqlite:///{(Path(cfg.run_dir) / 'mlflow.db').resolve()}"
 
 
+def check_tracking_uri(cfg: LoggingConfig, timeout: float = 5.0) -> None:
+    """ConfigError within `timeout` seconds when an http(s) tracking server cannot be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    if not cfg.tracking_uri:
+        return
+    url = urlparse(cfg.tracking_uri)
+    if url.scheme not in ("http", "https"):
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "localhost", port), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(f"logging.tracking_uri: cannot reach {cfg.tracking_uri} ({reason}, {timeout:g} s timeout); "
+                          f"start the server, fix the URI, or leave it null to track under logging.run_dir") from None
+
+
+def _intact_sqlite(db: Path) -> Optional[str]:
+    """Why a SQLite file is unusable (None when it passes SQLite's quick check)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = con.execute("PRAGMA quick_check").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        return str(exc)
+    return None if row and row[0] == "ok" else str(row[0] if row else "quick_check failed")
+
+
 def build_mlflow_logger(cfg: LoggingConfig, resume: bool) -> Any:
-    """MLFlowLogger for the logging section; a resumed run continues the MLflow run it started."""
+    """MLFlowLogger for the logging section; a resumed run continues the MLflow run it started.
+
+    A damaged `mlflow.db` in the run directory is moved aside (one line) and tracking starts a new store."""
+    import time
+
     from lightning.pytorch.loggers import MLFlowLogger
+
+    from lit_deepseek.training.run_guard import note
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +262,14 @@ def build_mlflow_logger(cfg: LoggingConfig, resume: bool) -> Any:
     id_file = run_dir / RUN_ID_FILE
     if resume and id_file.is_file():
         run_id = id_file.read_text().strip() or None
+    db = run_dir / "mlflow.db"
+    if not cfg.tracking_uri and db.is_file() and db.stat().st_size:
+        reason = _intact_sqlite(db)
+        if reason is not None:
+            aside = db.with_name(f"mlflow.db.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(db, aside)
+            note(f"logging: {db} cannot be read ({reason}); moved to {aside.name}, tracking continues in a new store")
+            run_id = None
     return MLFlowLogger(experiment_name=cfg.experiment_name, run_name=cfg.run_name, tracking_uri=tracking_uri(cfg),
                         run_id=run_id, synchronous=not cfg.async_logging, save_dir=None,
                         artifact_location=None)

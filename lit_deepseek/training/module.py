@@ -25,8 +25,16 @@ from lit_deepseek.training.optim import build_optimizer, build_scheduler
 from lit_deepseek.training.step import LocalPlan
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many consecutive non-finite losses."""
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose; the message is one line for the user (exit status 1)."""
+
+
+class NonFiniteLossError(TrainingStopped):
+    """Raised after too many consecutive non-finite losses or gradient norms."""
+
+
+class NonFiniteCheckpointError(TrainingStopped):
+    """Raised instead of writing a checkpoint whose weights or optimizer state are not finite."""
 
 
 class DeepSeekLightningModule(L.LightningModule):
@@ -115,7 +123,12 @@ class DeepSeekLightningModule(L.LightningModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         parts = self.plan.forward_backward(self.model, batch, t.micro_batch_size, self.loss_fn, self.manual_backward)
-        if not torch.isfinite(parts.total):
+        grad_norm: Optional[Tensor] = None
+        if torch.isfinite(parts.total):
+            params = [p for part in self.plan.model_parts(self.model) for p in part.parameters()]
+            grad_norm = self.plan.clip_grad_norm(params, t.grad_clip)
+        # a finite loss can still come with an overflowing gradient; stepping on it would poison the weights
+        if grad_norm is None or not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             self._discard_expert_stats()
             skip = getattr(getattr(self._trainer, "datamodule", None), "on_step_skipped", None)
@@ -128,8 +141,6 @@ class DeepSeekLightningModule(L.LightningModule):
                 self._stop_on_nonfinite()
             return parts.total
         self.nonfinite_in_a_row = 0
-        params = [p for part in self.plan.model_parts(self.model) for p in part.parameters()]
-        grad_norm = self.plan.clip_grad_norm(params, t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -139,7 +150,7 @@ class DeepSeekLightningModule(L.LightningModule):
 
     def _stop_on_nonfinite(self) -> None:
         t = self.training_config
-        msg = (f"training: {self.nonfinite_in_a_row} consecutive non-finite losses "
+        msg = (f"training: {self.nonfinite_in_a_row} consecutive non-finite losses or gradient norms "
                f"(training.max_nonfinite_steps = {t.max_nonfinite_steps}); stopping")
         path = None
         if self._trainer is not None and self.trainer.checkpoint_callback is not None:
@@ -266,6 +277,13 @@ class DeepSeekLightningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = self.first_nonfinite_state()
+        if bad is not None:
+            last = _newest_checkpoint(self._trainer)
+            raise NonFiniteCheckpointError(
+                f"training: {bad} is not finite at step {self.global_step}; the run diverged and no checkpoint is "
+                f"written (the last finite one is {last or 'none'}); resume from it with a lower "
+                f"training.learning_rate")
         checkpoint["nonfinite_total"] = self.nonfinite_total
         checkpoint["tokens_seen"] = self._tokens_seen
 
@@ -274,6 +292,45 @@ class DeepSeekLightningModule(L.LightningModule):
         self._tokens_seen = checkpoint.get("tokens_seen", 0)
         if self.model is None:
             self.configure_model()
+
+
+    @torch.no_grad()
+    def first_nonfinite_state(self) -> Optional[str]:
+        """Name of the first parameter or optimizer-state tensor holding NaN/Inf (agreed over all ranks), else None."""
+        if self.model is None:
+            return None
+        named: list[tuple[str, Tensor]] = []
+        for part in self.plan.model_parts(self.model):
+            named.extend((name, p) for name, p in part.named_parameters())
+        names = {id(p): name for name, p in named}
+        if self._trainer is not None and self.trainer.optimizers:
+            opt = getattr(self.trainer.optimizers[0], "optimizer", self.trainer.optimizers[0])
+            for param, state in opt.state.items():
+                for key, value in state.items():
+                    if isinstance(value, Tensor) and value.is_floating_point():
+                        named.append((f"optimizer state {key} of {names.get(id(param), 'a parameter')}", value))
+        named = [(n, t.to_local() if hasattr(t, "to_local") else t) for n, t in named]
+        named = [(n, t) for n, t in named if t.numel() and t.is_floating_point()]
+        tensors = [t for _, t in named]
+        flags = torch.stack([torch.isfinite(t).all() for t in tensors]) if tensors else torch.ones(1, dtype=torch.bool)
+        ok = flags.all().to(device=self.device, dtype=torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if bool(ok):
+            return None
+        bad = [i for i, f in enumerate(flags.tolist()) if not f]
+        return named[bad[0]][0] if bad else "a tensor on another rank"
+
+
+def _newest_checkpoint(trainer: Any) -> Optional[str]:
+    from lit_deepseek.training.run_guard import step_checkpoints
+
+    callback = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+    saved = getattr(callback, "_last_checkpoint_saved", None)
+    if saved:
+        return saved
+    found = step_checkpoints(getattr(callback, "dirpath", None) or "")
+    return str(found[0]) if found else None
 
 
 _LOCAL_PLAN = LocalPlan()
