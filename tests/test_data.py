@@ -381,6 +381,35 @@ def test_corrupt_shards_are_skipped_counted_and_never_hang(shards: tuple[Path, l
     assert dm0.skipped_shards == 2
 
 
+def test_shard_cut_at_a_member_boundary_is_counted(shards: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """A copy cut short between two samples reads without a tar error; it is still counted as truncated."""
+    import tarfile
+
+    folder, _ = shards
+    bad = tmp_path / "cut"
+    shutil.copytree(folder, bad)
+    shard = bad / "train-000001.tar"
+    with tarfile.open(shard) as tar:
+        second = tar.getmembers()[1].offset  # header of the second sample: a clean member boundary
+    shard.write_bytes(shard.read_bytes()[:second])
+    dm = make_dm(bad)
+    items(dm, 300)  # several epochs
+    assert dm.skipped_shards == 1
+
+
+def test_token_ids_beyond_the_vocabulary_name_the_shard(shards: tuple[Path, list[str]], tmp_path: Path) -> None:
+    folder, _ = shards
+    plain = tmp_path / "plain"  # no manifest: the ids are only seen while reading
+    plain.mkdir()
+    for p in folder.glob("*.tar"):
+        shutil.copy(p, plain / p.name)
+    dm = make_dm(plain)
+    dm.check_vocab(258)
+    dm.vocab_size = 100  # a model whose embedding is smaller than the ids in the shards
+    with pytest.raises(ConfigError, match=r"data\.train_shards: shard .*\.tar holds token id \d+ .*model\.vocab_size \(100\)"):
+        items(dm, 10)
+
+
 def test_no_shards_and_vocab_errors(tmp_path: Path, shards: tuple[Path, list[str]]) -> None:
     pattern = str(tmp_path / "none-{000..003}.tar")
     dm = DeepSeekDataModule(DataConfig(train_shards=pattern), seq_length=8, micro_batch_size=1, global_batch_size=1)

@@ -136,9 +136,11 @@ def shard_lengths(shards: list[str], tokenizer_identity: dict[str, Any], field_n
 class _ShardReader:
     """Reads one shard's documents as token arrays; a broken shard is warned about, counted and cut short."""
 
-    def __init__(self, skipped: torch.Tensor, count_here: bool):
+    def __init__(self, skipped: torch.Tensor, count_here: bool, vocab_size: Optional[int] = None,
+                 field_name: str = "data.train_shards"):
         self.skipped = skipped
         self.count_here = count_here
+        self.vocab_size, self.field_name = vocab_size, field_name
         self.bad: set[str] = set()
 
     def documents(self, url: str) -> Iterator[np.ndarray]:
@@ -158,9 +160,19 @@ class _ShardReader:
                 data = sample[field]
                 if len(data) % _FIELDS[field].itemsize:
                     raise ValueError(f"sample {sample.get('__key__')} has a partial token")
-                yield np.frombuffer(data, dtype=_FIELDS[field])
+                tokens = np.frombuffer(data, dtype=_FIELDS[field])
+                if self.vocab_size is not None and tokens.size and int(tokens.max()) >= self.vocab_size:
+                    raise ConfigError(
+                        f"{self.field_name}: shard {url} holds token id {int(tokens.max())} (sample "
+                        f"{sample.get('__key__')}), but token ids must be < model.vocab_size ({self.vocab_size}); "
+                        f"re-run prepare-data with the model's tokenizer or raise model.vocab_size")
+                yield tokens
+        except ConfigError:
+            raise
         except Exception as exn:  # noqa: BLE001 - any reading error means a broken shard
             errors.append(exn)
+        if not errors and not _ends_like_a_tar(url):
+            errors.append(ValueError("truncated: the file ends without the tar end-of-archive blocks"))
         if errors:
             self._report(url, errors[0])
 
@@ -171,6 +183,18 @@ class _ShardReader:
         log.warning("skipping the rest of corrupt or truncated shard %s: %s", url, str(exn).split(" @ ")[0])
         if self.count_here:
             self.skipped += 1
+
+
+def _ends_like_a_tar(url: str) -> bool:
+    """A local tar file ends with two zero blocks; a file cut at a member boundary does not (remote: True)."""
+    if not os.path.isfile(url):
+        return True
+    size = os.path.getsize(url)
+    if size < 1024 or size % 512:
+        return False
+    with open(url, "rb") as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,8 +318,9 @@ class PackedSequenceDataset(IterableDataset):
                  start_token: int = 0, shuffle: bool = True, document_mask: bool = False,
                  batch_per_step: bool = False, max_items: Optional[int] = None,
                  lengths: Optional[dict[str, int]] = None, skipped: Optional[torch.Tensor] = None,
-                 field_name: str = "data.train_shards"):
+                 field_name: str = "data.train_shards", vocab_size: Optional[int] = None):
         super().__init__()
+        self.vocab_size = vocab_size
         if global_batch_size % (micro_batch_size * dp_size):
             raise ConfigError(
                 f"training.global_batch_size: {global_batch_size} must be divisible by training.micro_batch_size x "
@@ -322,7 +347,8 @@ class PackedSequenceDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        reader = _ShardReader(self.skipped, count_here=worker == 0)
+        reader = _ShardReader(self.skipped, count_here=worker == 0, vocab_size=self.vocab_size,
+                              field_name=self.field_name)
         stream = TokenStream(self.shards, self.eos_id, self.seed, self.shuffle, self.lengths, reader, self.field_name)
         s = self.seq_length
         index = worker
@@ -380,6 +406,7 @@ class DeepSeekDataModule(pl.LightningDataModule):
         self._train_shards: Optional[list[str]] = None
         self._val_shards: Optional[list[str]] = None
         self._lengths: dict[str, int] = {}
+        self.vocab_size: Optional[int] = None  # set by check_vocab: larger token ids are refused
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -418,6 +445,7 @@ class DeepSeekDataModule(pl.LightningDataModule):
     def check_vocab(self, model_vocab_size: int) -> None:
         """ConfigError if the tokenizer's ids do not fit model.vocab_size."""
         self.tokenizer.check_vocab(model_vocab_size)
+        self.vocab_size = model_vocab_size
 
     def check_cache_dir(self) -> None:
         """ConfigError if the built-in corpus is needed and data.cache_dir cannot hold it."""
@@ -480,7 +508,8 @@ class DeepSeekDataModule(pl.LightningDataModule):
         return PackedSequenceDataset(
             self._train_shards, self.tokenizer.eos_id, self.seq_length, self.micro_batch_size, self.global_batch_size,
             self.seed, rank, size, start_token=self._start_token, shuffle=True, document_mask=self.data.document_mask,
-            batch_per_step=self.batch_per_step, lengths=self._lengths, skipped=self._skipped)
+            batch_per_step=self.batch_per_step, lengths=self._lengths, skipped=self._skipped,
+            vocab_size=self.vocab_size)
 
     def val_dataset(self, test: bool = False) -> Optional[PackedSequenceDataset]:
         """This rank's fixed validation (or test) items, or None without held-out shards."""
@@ -497,7 +526,7 @@ class DeepSeekDataModule(pl.LightningDataModule):
         return PackedSequenceDataset(
             shards, self.tokenizer.eos_id, self.seq_length, micro, micro * size, self.seed, rank, size,
             shuffle=False, document_mask=self.data.document_mask, max_items=math.ceil(self.val_batches / size),
-            lengths=self._lengths, skipped=self._skipped, field_name=field_name)
+            lengths=self._lengths, skipped=self._skipped, field_name=field_name, vocab_size=self.vocab_size)
 
     def train_dataloader(self) -> DataLoader:
         workers = self.data.num_workers
