@@ -25,6 +25,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -66,9 +67,14 @@ def _kind(path: Path) -> Optional[str]:
 
 
 def _open_text(path: Path, mode: str = "rt") -> Any:
+    """Text is strict UTF-8 (an undecodable file is reported, never turned into replacement characters)."""
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, mode, encoding="utf-8", errors="replace") if "t" in mode else gzip.open(path, mode)
-    return open(path, mode, encoding="utf-8", errors="replace") if "t" in mode else open(path, mode)
+        return gzip.open(path, mode, encoding="utf-8") if "t" in mode else gzip.open(path, mode)
+    return open(path, mode, encoding="utf-8") if "t" in mode else open(path, mode)
+
+
+class NotTextError(ValueError):
+    """An input file that is binary or not UTF-8."""
 
 
 def count_documents(path: Path, text_field: str) -> int:
@@ -92,10 +98,25 @@ def iter_documents(path: Path, text_field: str) -> Iterator[str]:
     kind = _kind(path)
     if kind in (".txt", ".txt.gz"):
         with _open_text(path) as f:
-            yield f.read()
+            try:
+                text = f.read()
+            except UnicodeDecodeError as exc:
+                raise NotTextError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if "\x00" in text:
+            raise NotTextError(f"{path}: binary (NUL bytes)")
+        yield text
     elif kind in (".jsonl", ".jsonl.gz"):
         with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
+            lines = enumerate(f, 1)
+            while True:
+                try:
+                    lineno, line = next(lines)
+                except StopIteration:
+                    break
+                except UnicodeDecodeError as exc:
+                    raise NotTextError(f"{path}: not UTF-8 ({exc.reason})") from None
+                if "\x00" in line:
+                    raise NotTextError(f"{path}:{lineno}: binary (NUL bytes)")
                 if not line.strip():
                     continue
                 try:
@@ -173,7 +194,6 @@ def prepare_data(
     `val_docs` (a count) takes precedence over `val_fraction`; a non-zero fraction of a corpus with
     at least two documents always holds out at least one, and at least one document stays in train.
     """
-    from tqdm.auto import tqdm
 
     if shard_tokens <= 0:
         raise ValueError(f"--shard_tokens: must be positive, got {shard_tokens}")
@@ -183,13 +203,39 @@ def prepare_data(
         raise ValueError(f"--val_docs: must be >= 0, got {val_docs}")
     tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) else load_tokenizer(tokenizer)
     files = expand_inputs(list(inputs))
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p.name for p in out.iterdir() if p.name == MANIFEST or p.suffix == ".tar")
+    final = Path(output_dir)
+    existing = sorted(p.name for p in final.iterdir() if p.name == MANIFEST or p.suffix == ".tar") if final.is_dir() else []
     if existing and not overwrite:
-        raise ValueError(f"--output: {out} already holds shards ({existing[0]}, ...); choose another folder or pass --overwrite")
+        raise ValueError(f"--output: {final} already holds shards ({existing[0]}, ...); choose another folder or pass --overwrite")
+    # All or nothing: shards and manifest are written to a hidden sibling folder and published at the end.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.parent / f".{final.name}.prepare-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    try:
+        manifest = _prepare_into(out, files, tok, shard_tokens, val_fraction, val_docs, text_field, seed, progress)
+        _publish(out, final, existing)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return manifest
+
+
+def _publish(out: Path, final: Path, existing: list[str]) -> None:
+    """Move the finished shards into `final` (replacing `existing` ones), the manifest last."""
+    if not final.exists() or (final.is_dir() and not any(final.iterdir())):
+        if final.exists():
+            final.rmdir()
+        os.rename(out, final)
+        return
     for name in existing:
-        (out / name).unlink()
+        (final / name).unlink()
+    for p in sorted(out.iterdir(), key=lambda p: p.name == MANIFEST):
+        os.replace(p, final / p.name)
+
+
+def _prepare_into(out: Path, files: list[Path], tok: Tokenizer, shard_tokens: int, val_fraction: float,
+                  val_docs: Optional[int], text_field: str, seed: int, progress: bool) -> dict[str, Any]:
+    from tqdm.auto import tqdm
 
     counts = [count_documents(f, text_field) for f in files]
     total_docs = sum(counts)
@@ -224,16 +270,25 @@ def prepare_data(
             bar.update(len(batch))
             batch.clear()
 
+        not_text: list[str] = []
         for path in files:
-            for text in iter_documents(path, text_field):
-                batch.append(text)
-                if len(batch) >= _BATCH_DOCS:
-                    flush()
+            try:
+                for text in iter_documents(path, text_field):
+                    batch.append(text)
+                    if len(batch) >= _BATCH_DOCS:
+                        flush()
+            except NotTextError as exc:
+                not_text.append(str(exc))
         flush()
     finally:
         for sink in sinks.values():
             sink.close()
         bar.close()
+    if not_text:
+        raise ValueError(f"--inputs: {len(not_text)} of {len(files)} file(s) are binary or not UTF-8 text "
+                         f"({'; '.join(not_text[:3])}{'; ...' if len(not_text) > 3 else ''}); nothing was written")
+    if doc_index - empty_docs == 0:
+        raise ValueError(f"--inputs: the {len(files)} input file(s) hold no non-empty document; nothing was written")
 
     manifest = {
         "format": FORMAT,
