@@ -609,7 +609,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.mla.v_head_dim": _POS, "model.mla.max_context_length": _POS, "model.mla.rope_theta": _POS,
     "model.mla.rope_factor": (_ge(1), "must be a finite number >= 1 (1 = no YaRN)"),
     "model.mla.rope_original_context_length": _POS, "model.mla.rope_beta_fast": _POS,
-    "model.mla.rope_beta_slow": _POS, "model.mla.rope_mscale": _POS, "model.mla.rope_mscale_all_dim": _NONNEG,
+    "model.mla.rope_beta_slow": _POS, "model.mla.rope_mscale": _NONNEG, "model.mla.rope_mscale_all_dim": _NONNEG,
     "model.moe.num_experts": _POS, "model.moe.num_experts_per_token": _POS,
     "model.moe.expert_intermediate_size": _POS, "model.moe.num_shared_experts": _NONNEG,
     "model.moe.num_expert_groups": _POS, "model.moe.num_limited_groups": _POS, "model.moe.route_scale": _POS,

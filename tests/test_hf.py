@@ -335,3 +335,68 @@ def test_native_checkpoint_with_missing_tensor_is_named(tmp_path):
         load_native_model(native)
     with pytest.raises(CheckpointError, match="missing tensors"):
         convert(native, tmp_path / "back", to="hf")
+
+
+# ------------------------------------------------------------------------------------------ bad configs and values
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"n_group": 3}, r"model\.moe\.num_expert_groups: 3 must divide model\.moe\.num_experts \(8\) \(n_group in config\.json\)"),
+    ({"topk_group": 8}, r"model\.moe\.num_limited_groups: 8 must be between 1 and .*\(topk_group in config\.json\)"),
+    ({"num_attention_heads": 0, "num_key_value_heads": 0}, r"model\.mla\.num_heads: must be a positive number"),
+    ({"rms_norm_eps": float("nan")}, r"model\.rms_norm_eps: must be a positive number, got nan"),
+])
+def test_hf_config_whose_routing_or_values_cannot_work_is_refused(saved, edit, needle):
+    config = json.loads((saved / "config.json").read_text())
+    config.update(edit)
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"^config\.json: " + needle):
+        load_hf_model(saved)
+
+
+def test_broken_config_json_is_one_line(saved):
+    config = json.loads((saved / "config.json").read_text())
+    del config["kv_lora_rank"]
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: missing key 'kv_lora_rank'"):
+        load_hf_model(saved)
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json: not a readable JSON file"):
+        load_hf_model(saved)
+
+
+def test_nan_weights_are_refused_naming_the_tensor_and_convert_writes_nothing(saved, tmp_path):
+    name = "model.layers.2.mlp.experts.5.down_proj.weight"
+
+    def poison(tensors):
+        tensors[name] = tensors[name].clone()
+        tensors[name][0, 0] = float("nan")
+
+    _edit_shard_holding(saved, name, poison)
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.2\.mlp\.experts\.5\.down_proj\.weight holds 1 NaN"):
+        load_hf_model(saved)
+    with pytest.raises(CheckpointError, match=r"down_proj\.weight holds 1 NaN"):
+        convert(saved, tmp_path / "native", to="native")
+    assert not (tmp_path / "native").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_transformers_checkpoint_without_its_mtp_tensors_loads_without_mtp(tmp_path, capfd):
+    """transformers' DeepseekV3 keeps num_nextn_predict_layers in its config but builds and saves no MTP layer."""
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_model_config(mtp_depth=1)
+    hf_cfg = model_config_to_hf(cfg)
+    config = transformers.DeepseekV3Config(**{k: v for k, v in hf_cfg.items()
+                                               if k not in ("architectures", "model_type")})
+    torch.manual_seed(0)
+    reference = transformers.DeepseekV3ForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    model = load_hf_model(tmp_path)
+    err = capfd.readouterr().err
+    assert "declares 1 MTP layer(s)" in err and "loading it without MTP" in err
+    assert model.cfg.mtp_depth == 0
+    ids = _tokens(cfg)
+    with torch.no_grad():
+        diff = (model(ids) - reference(ids).logits).abs().max() / reference(ids).logits.abs().max()
+    assert diff < 1e-5

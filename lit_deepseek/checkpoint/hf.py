@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import shutil
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -61,7 +64,12 @@ def read_hf_config(path: PathLike) -> dict[str, Any]:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face DeepSeek-V3 checkpoint directory)")
-    hf = json.loads(file.read_text())
+    try:
+        hf = json.loads(file.read_text())
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{file}: not a readable JSON file ({exc})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
     if model_type not in HF_ARCHITECTURES:
@@ -80,8 +88,39 @@ def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+# config.json keys of the fields a broken config most often gets wrong (for the error message)
+_HF_KEYS = {"model.moe.num_expert_groups": "n_group", "model.moe.num_limited_groups": "topk_group",
+            "model.moe.num_experts": "n_routed_experts", "model.moe.num_experts_per_token": "num_experts_per_tok",
+            "model.mla.num_heads": "num_attention_heads", "model.mla.d_model": "hidden_size",
+            "model.num_layers": "num_hidden_layers", "model.first_dense_layers": "first_k_dense_replace",
+            "model.vocab_size": "vocab_size", "model.mla.qk_rope_head_dim": "qk_rope_head_dim",
+            "model.mla.d_latent": "kv_lora_rank", "model.mla.max_context_length": "max_position_embeddings"}
+
+
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """ModelConfig from a DeepSeek-V3 (or V2) config.json dict."""
+    """ModelConfig from a DeepSeek-V3 (or V2) config.json dict; CheckpointError (one line naming the
+    key and the rule) when a key is missing, has the wrong type, or the routing cannot work."""
+    try:
+        cfg = _model_config_from_hf(hf)
+    except KeyError as exc:
+        raise CheckpointError(f"config.json: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"config.json: a value has the wrong type ({exc})") from None
+    from lit_deepseek.config import DeepSeekConfig, TrainingConfig, validate_config
+
+    check = DeepSeekConfig(model=cfg, training=TrainingConfig(global_batch_size=1, micro_batch_size=1, seq_length=1))
+    try:
+        validate_config(check)
+    except ConfigError as exc:
+        field = str(exc).split(":", 1)[0]
+        key = f" ({_HF_KEYS[field]} in config.json)" if field in _HF_KEYS else ""
+        raise CheckpointError(f"config.json: {exc}{key}") from None
+    return cfg
+
+
+def _model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in HF_ARCHITECTURES:
         raise CheckpointError(f"config.json: model_type {model_type!r} is not supported; "
@@ -361,6 +400,30 @@ def _fmt_names(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def drop_missing_mtp(headers: dict[str, tuple[Path, list[int], str]], cfg: ModelConfig, source: str) -> ModelConfig:
+    """A checkpoint whose config declares MTP layers but that holds none of their tensors (transformers
+    saves DeepseekV3 that way) loads without MTP; says so in one line."""
+    if not cfg.mtp_depth:
+        return cfg
+    pattern = re.compile(r"^model\.layers\.(\d+)\.")
+    if any((m := pattern.match(n)) and int(m.group(1)) >= cfg.num_layers for n in headers):
+        return cfg
+    print(f"lit-deepseek: {source}: config.json declares {cfg.mtp_depth} MTP layer(s) (num_nextn_predict_layers) "
+          f"but the checkpoint holds none of their tensors; loading it without MTP (model.mtp_depth 0)",
+          file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, mtp_depth=0)
+
+
+def check_finite(name: str, tensor: Tensor, source: str) -> None:
+    """CheckpointError naming the tensor when it holds NaN or Inf."""
+    if not tensor.is_floating_point():
+        return
+    t = tensor.float() if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/Inf value(s) of {t.numel()}; refusing to load it")
+
+
 def plan_hf_load(headers: dict[str, tuple[Path, list[int], str]], cfg: ModelConfig,
                  source: str) -> dict[str, list[Target]]:
     """Map every HF tensor to its native targets, checking before any data is read that nothing
@@ -431,8 +494,9 @@ def dequantize_fp8(weight: Tensor, scale_inv: Tensor, dtype: torch.dtype = torch
 class _ShardReader:
     """Reads tensors from safetensors files, keeping at most the files of the current shard open."""
 
-    def __init__(self, headers: dict[str, tuple[Path, list[int], str]]) -> None:
+    def __init__(self, headers: dict[str, tuple[Path, list[int], str]], source: str = "checkpoint") -> None:
         self.headers = headers
+        self.source = source
         self._open: dict[Path, Any] = {}
 
     def get(self, name: str, dtype: torch.dtype) -> Tensor:
@@ -450,7 +514,9 @@ class _ShardReader:
         file = self.headers[name][0]
         if file not in self._open:
             self._open[file] = safe_open(str(file), framework="pt", device="cpu")
-        return self._open[file].get_tensor(name)
+        tensor = self._open[file].get_tensor(name)
+        check_finite(name, tensor, self.source)
+        return tensor
 
     def release(self, keep: Optional[Path] = None) -> None:
         for file in [f for f in self._open if f != keep]:
@@ -478,6 +544,7 @@ def load_hf_model(path: PathLike, dtype: Optional[torch.dtype] = None, device: U
         dtype = _checkpoint_dtype(hf)
     files = _shard_files(path)
     headers = _headers(files)
+    cfg = drop_missing_mtp(headers, cfg, str(path))
     plan = plan_hf_load(headers, cfg, str(path))
     with torch.device("meta"):
         model = DeepSeekV3(cfg, dispatcher)
@@ -490,7 +557,7 @@ def load_hf_model(path: PathLike, dtype: Optional[torch.dtype] = None, device: U
             moe.expert_bias.zero_()
             moe.reset_stats()
         state = model.state_dict(keep_vars=True)
-        reader = _ShardReader(headers)
+        reader = _ShardReader(headers, str(path))
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in plan:
             by_file[headers[name][0]].append(name)
@@ -708,11 +775,12 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: Literal["hf", "native"]
         cfg = model_config_from_hf(hf)
         out_dtype = dtype or _checkpoint_dtype(hf)
         headers = _headers(_shard_files(src))
+        cfg = drop_missing_mtp(headers, cfg, str(src))
         plan = plan_hf_load(headers, cfg, str(src))
         expected = _expected_native_shapes(cfg)
         pending: dict[str, Tensor] = {}
         filled: dict[str, int] = defaultdict(int)
-        reader = _ShardReader(headers)
+        reader = _ShardReader(headers, str(src))
         for name in sorted(plan, key=lambda n: (str(headers[n][0]), _natural_key(n))):
             keep = torch.float32 if name.endswith(("e_score_correction_bias", "mlp.gate.weight")) else out_dtype
             tensor = reader.get(name, keep)
@@ -741,7 +809,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: Literal["hf", "native"]
     cfg = read_native_config(src)
     headers = _headers(_shard_files(src))
     _check_native(headers, _expected_native_shapes(cfg), str(src), cfg)
-    reader = _ShardReader(headers)
+    reader = _ShardReader(headers, str(src))
     out_dtype = dtype
     embed = head = None
     for name in sorted(headers, key=lambda n: (str(headers[n][0]), _natural_key(n))):
@@ -784,5 +852,22 @@ def convert(src: PathLike, dst: PathLike, to: Literal["hf", "native"], max_shard
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ConfigError(f"convert.dtype: unknown dtype {dtype!r} (e.g. float32, bfloat16)")
-    return convert_checkpoint(src, dst, to, max_shard_size=max_shard_size, dtype=torch_dtype)
+    # all or nothing: convert into a hidden sibling folder, then publish it (the config file last)
+    final = Path(dst)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = final.parent / f".{final.name}.convert-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        convert_checkpoint(src, work, to, max_shard_size=max_shard_size, dtype=torch_dtype)
+        if not final.exists() or (final.is_dir() and not any(final.iterdir())):
+            if final.exists():
+                final.rmdir()
+            os.rename(work, final)
+        else:
+            configs = ("config.json", NATIVE_CONFIG_NAME)
+            for p in sorted(work.iterdir(), key=lambda p: p.name in configs):
+                os.replace(p, final / p.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
 
