@@ -116,6 +116,15 @@ class LitDeepSeekCLI(LightningCLI):
         t, lg = cfg.training, cfg.logging
         ns = self.config.get(str(self.subcommand), self.config)
         trainer_cfg = _to_plain(ns.get("trainer")) or {}
+
+        self.model = DeepSeekLightningModule(cfg.model, cfg.training, cfg.parallel, lg.peak_tflops)
+        self.datamodule = DeepSeekDataModule(
+            data=cfg.data, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size, seed=t.seed if cfg.data.seed is None else cfg.data.seed,
+            val_batches=t.val_batches, batch_per_step=True,
+        )
+        self.datamodule.check_vocab(cfg.model.vocab_size)
+        self.datamodule.check_cache_dir()
         ckpt_path = ns.get("ckpt_path")
         ckpt_dir = checkpoint_dir(cfg)
         user_logger = trainer_cfg.get("logger")
@@ -130,15 +139,6 @@ class LitDeepSeekCLI(LightningCLI):
             ckpt_path = resolve_resume(str(ckpt_path), ckpt_dir)
             ns["ckpt_path"] = ckpt_path
         resume = bool(ckpt_path)
-
-        self.model = DeepSeekLightningModule(cfg.model, cfg.training, cfg.parallel, lg.peak_tflops)
-        self.datamodule = DeepSeekDataModule(
-            data=cfg.data, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-            global_batch_size=t.global_batch_size, seed=t.seed if cfg.data.seed is None else cfg.data.seed,
-            val_batches=t.val_batches, batch_per_step=True,
-        )
-        self.datamodule.check_vocab(cfg.model.vocab_size)
-        self.datamodule.check_cache_dir()
         derived = {
             "max_steps": t.max_steps,
             "precision": t.precision,
