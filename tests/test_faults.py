@@ -171,3 +171,17 @@ def test_prepare_data_reports_bad_input_and_writes_all_or_nothing(tmp_path: Path
     one_line(proc, "is not valid JSON")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".shards")]
+
+
+def test_deep_ep_without_the_package_warns_once_and_falls_back() -> None:
+    import importlib.util
+
+    from lit_deepseek.cli import _warn_unavailable_deep_ep
+    from lit_deepseek.config import load_config
+
+    if importlib.util.find_spec("deep_ep") is not None and torch.cuda.is_available():
+        pytest.skip("DeepEP is usable here")
+    cfg = load_config(DEMO, overrides={"model.moe.use_deep_ep": True})
+    with pytest.warns(UserWarning, match=r"^model\.moe\.use_deep_ep: .*; tokens are dispatched by the built-in"):
+        _warn_unavailable_deep_ep(cfg)
+    assert cfg.model.moe.use_deep_ep is False  # the dispatcher choice later does not warn a second time

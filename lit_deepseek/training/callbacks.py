@@ -257,7 +257,10 @@ def build_mlflow_logger(cfg: LoggingConfig, resume: bool) -> Any:
     from lit_deepseek.training.run_guard import note
 
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"logging.run_dir: cannot write to {run_dir}: {exc.strerror or exc}") from None
     run_id = None
     id_file = run_dir / RUN_ID_FILE
     if resume and id_file.is_file():
