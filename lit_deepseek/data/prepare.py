@@ -209,6 +209,10 @@ def prepare_data(
         raise ValueError(f"--output: {final} already holds shards ({existing[0]}, ...); choose another folder or pass --overwrite")
     # All or nothing: shards and manifest are written to a hidden sibling folder and published at the end.
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.prepare-*"):  # left by a killed run
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     out = final.parent / f".{final.name}.prepare-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
