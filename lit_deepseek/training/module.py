@@ -223,6 +223,13 @@ class DeepSeekLightningModule(L.LightningModule):
                 metrics["train/tokens_per_s"] = tokens_per_s
             if "device/mfu" in tp:
                 metrics["train/mfu"] = tp["device/mfu"]
+        if self.device.type == "cuda":
+            metrics["train/max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if t.compile:
+            from torch._dynamo.utils import counters
+
+            # constant after the first steps unless something recompiles
+            metrics["train/compiled_graphs"] = float(counters["stats"]["unique_graphs"])
         skipped = getattr(getattr(self._trainer, "datamodule", None), "skipped_shards", None)
         if skipped is not None:
             metrics["data/skipped_shards"] = float(skipped)
