@@ -151,8 +151,8 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
     }
     if row.checkpoint_every:
         saves = [i for i, m in enumerate(losses) if (m.step + 1) % row.checkpoint_every == 0]
-        # the save after step k shows in the time to step k + 1
-        stalls = [stamps[i + 1] - stamps[i] for i in saves if 0 < i < len(stamps) - 1]
+        # Lightning logs a step after its on_train_batch_end hooks (the save): take both neighbours
+        stalls = [max(stamps[i] - stamps[i - 1], stamps[i + 1] - stamps[i]) for i in saves if 0 < i < len(stamps) - 1]
         out["checkpoint_stall_s"] = max(stalls) - out["step_s_median"] if stalls else None
     return out
 
