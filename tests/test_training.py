@@ -266,3 +266,20 @@ def test_skipped_step_still_advances_the_data_position(tmp_path: Path) -> None:
     resumed.load_state_dict(state)
     resumed.trainer = types.SimpleNamespace(global_step=3)
     assert resumed.consumed_tokens == 4 * 4 * 16
+
+
+def test_async_checkpoint_is_a_snapshot_and_keeps_tied_tensors_tied(tmp_path: Path) -> None:
+    """Training may change the tensors right after save_checkpoint returns: the file holds the values at
+    the call. Two names of one tensor stay one tensor in the file."""
+    from lit_deepseek.training.callbacks import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO(async_save=True)
+    weight = torch.arange(6, dtype=torch.float32)
+    io.save_checkpoint({"state_dict": {"embed": weight, "head": weight}, "step": 1}, tmp_path / "a.ckpt")
+    weight.add_(100)  # the next optimizer step, while the writer may still be busy
+    io.link(tmp_path / "a.ckpt", tmp_path / "last.ckpt")
+    io.teardown()
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert state["state_dict"]["embed"].tolist() == list(range(6))
+    assert state["state_dict"]["embed"].data_ptr() == state["state_dict"]["head"].data_ptr()
+    assert (tmp_path / "last.ckpt").stat().st_ino == (tmp_path / "a.ckpt").stat().st_ino

@@ -37,6 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: list[Future] = []
         self._pinned: dict[str, torch.Tensor] = {}
+        self._seen: dict[tuple, torch.Tensor] = {}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
@@ -47,7 +48,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not self.async_save:
             return _write_atomic(checkpoint, path)
         self.wait()  # one checkpoint in flight: its pinned buffers are reused for this one
-        self._submit(_write_atomic, self._snapshot(checkpoint, ""), path)
+        snapshot = self._snapshot(checkpoint, "")
+        self._seen = {}
+        self._submit(_write_atomic, snapshot, path)
 
     def link(self, src: Any, dst: Any) -> None:
         """Point dst at src's bytes (hard link) once src is written."""
@@ -85,13 +88,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """A copy of the checkpoint that training can no longer change (tensors on the host)."""
         if isinstance(obj, torch.Tensor):
             t = obj.detach()
+            same = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())  # tied weights stay one tensor
+            if same in self._seen:
+                return self._seen[same]
             if t.device.type == "cpu":
-                return t.clone()
-            buf = self._pinned.get(key)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            buf.copy_(t, non_blocking=True)
-            return buf
+                copy_ = t.clone()
+            else:
+                copy_ = self._pinned.get(key)
+                if copy_ is None or copy_.shape != t.shape or copy_.dtype != t.dtype:
+                    copy_ = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                copy_.copy_(t, non_blocking=True)
+            self._seen[same] = copy_
+            return copy_
         if isinstance(obj, dict):
             out = type(obj)() if type(obj) is not dict else {}
             for k, v in obj.items():
