@@ -45,7 +45,7 @@ def main() -> int:
                  "--training.global_batch_size", "8"]
     cmd = [sys.executable, "-m", "lit_deepseek", "fit", *model, "--training.max_steps", str(args.steps),
            "--checkpoint.every_n_steps", str(args.every), "--checkpoint.keep_last", "2",
-           "--training.val_every_n_steps", str(args.every), "--training.val_batches", "1",
+           "--training.val_every_n_steps", "1000000", "--training.val_batches", "1",
            "--logging.run_dir", str(run_dir), "--logging.log_every_n_steps", "1", "--logging.async_logging", "false",
            "--logging.heatmap_every_n_steps", "0", "--logging.progress_bar", "false"]
     start = time.perf_counter()

@@ -418,10 +418,15 @@ def check_finite(name: str, tensor: Tensor, source: str) -> None:
     """CheckpointError naming the tensor when it holds NaN or Inf."""
     if not tensor.is_floating_point():
         return
-    t = tensor.float() if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/Inf value(s) of {t.numel()}; refusing to load it")
+    flat = tensor.reshape(-1)
+    chunk = 1 << 20  # bounded extra memory, also for the largest tensors
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk]
+        part = part.float() if part.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else part
+        if not bool(torch.isfinite(part).all()):
+            bad = sum(int((~torch.isfinite(flat[i:i + chunk].float())).sum()) for i in range(0, flat.numel(), chunk))
+            raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/Inf value(s) of {flat.numel()}; "
+                                  f"refusing to load it")
 
 
 def plan_hf_load(headers: dict[str, tuple[Path, list[int], str]], cfg: ModelConfig,
