@@ -146,11 +146,14 @@ def test_bad_config_is_one_clear_line(overrides: dict, world_size: int, needle: 
     assert "\n" not in message
 
 
-def test_gradient_accumulation() -> None:
-    t = TrainingConfig(global_batch_size=64, micro_batch_size=2)
-    assert t.gradient_accumulation(4) == 8
-    with pytest.raises(ConfigError, match="training.global_batch_size"):
-        t.gradient_accumulation(3)
+def test_gradient_accumulation_comes_from_the_layout() -> None:
+    cfg = DeepSeekConfig(training=TrainingConfig(global_batch_size=64, micro_batch_size=2),
+                         parallel=ParallelConfig(expert_parallel_size=2))
+    layout = validate_config(cfg, world_size=4)  # DP 2 x EP 2 data-parallel ranks
+    assert (layout.data_parallel_size, layout.accumulation_steps, layout.local_batch_size) == (4, 8, 16)
+    with pytest.raises(ConfigError, match="training.global_batch_size: 64 must be divisible") as err:
+        validate_config(cfg, world_size=6)  # DP 3 x EP 2
+    assert "\n" not in str(err.value)
 
 
 def test_model_config_defaults_are_the_small_shape() -> None:

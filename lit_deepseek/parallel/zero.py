@@ -34,8 +34,8 @@ def is_expert_param(name: str) -> bool:
 
 
 def local_tensor(t: Tensor) -> Tensor:
-    """The data this rank holds (the local shard of a DTensor)."""
-    return t._local_tensor if isinstance(t, DTensor) else t
+    """The data this rank holds (the local shard of a DTensor; differentiable, the same storage)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,14 +27,10 @@ def param_groups(parts: list[nn.Module], weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(parts: list[nn.Module], cfg: TrainingConfig, plan: Optional[Any] = None) -> torch.optim.Optimizer:
-    """AdamW over the model parts; a plan may wrap it (e.g. ZeRO-1 optimizer-state sharding)."""
-    groups = param_groups(parts, cfg.weight_decay)
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    make = getattr(plan, "build_optimizer", None)
-    if make is not None:
-        return make(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+def build_adamw(parts: list[nn.Module], cfg: TrainingConfig, **overrides: Any) -> torch.optim.AdamW:
+    """AdamW over the model parts with the training section's settings (plans add their own options)."""
+    kwargs: dict[str, Any] = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    return torch.optim.AdamW(param_groups(parts, cfg.weight_decay), **{**kwargs, **overrides})
 
 
 def lr_multiplier(step: int, cfg: TrainingConfig) -> float:
