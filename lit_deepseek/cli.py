@@ -97,6 +97,10 @@ class LitDeepSeekCLI(LightningCLI):
         self.world_size = resolve_world_size(trainer_ns)
         self.layout = validate_config(self.deepseek_config, self.world_size)
         check_strategy(self.deepseek_config, self.layout, trainer_ns.get("strategy", "auto"))
+        if self.deepseek_config.training.use_fp8:  # the hardware, checked here: validation probes no device
+            from lit_deepseek.kernels.fp8 import check_fp8_supported
+
+            check_fp8_supported()
 
     def instantiate_classes(self) -> None:
         from lit_deepseek.data.datamodule import DeepSeekDataModule

@@ -513,19 +513,5 @@ def _one_line(message: str) -> str:
     return f"{key.group(1)}: {reason}"
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal under each field) of a config dataclass."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
-    return docs
-
-
 if __name__ == "__main__":  # pragma: no cover
     load_config(*sys.argv[1:]).print_summary()

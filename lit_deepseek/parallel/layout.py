@@ -113,11 +113,6 @@ class Layout:
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
     @property
-    def local_batch_size(self) -> int:
-        """Sequences one data-parallel rank contributes to an optimizer step."""
-        return self.accumulation_steps * self.micro_batch_size
-
-    @property
     def num_stages(self) -> int:
         return self.pp * self.virtual_stages
 

@@ -188,7 +188,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     if heads % tp:
         raise ValueError(f"parallel.tensor_parallel_size: model.mla.num_heads ({heads}) must be divisible by TP ({tp})")
     seq = Shard(1) if sequence_parallel else Replicate()
-    tied = getattr(model.cfg, "tie_word_embeddings", False)
+    tied = model.cfg.tie_word_embeddings
 
     top: dict[str, ParallelStyle] = {}
     if model.embed is not None:
@@ -220,7 +220,7 @@ def _blocks(model: nn.Module) -> Iterator[nn.Module]:
 
 def is_vocab_parallel(model: nn.Module) -> bool:
     """True when the model's head holds a vocabulary shard (loss needs `loss_parallel_context`)."""
-    head = getattr(model, "head", None)
+    head = model.head
     return head is not None and isinstance(head.weight, DTensor) and head.weight.placements == (Shard(0),)
 
 
