@@ -656,7 +656,8 @@ def main() -> None:
                 f"transformers {env['transformers']}" + (f" · {args.note}" if args.note else ""),
                 "", f"Settings: bf16 parameters and fused AdamW (bf16 states) for both implementations, "
                 f"lr 3e-4, {args.warmup} warm-up + {args.steps} timed steps on random tokens; HF: sdpa attention, "
-                f"grouped_mm experts, `torch.compile(model)`; ours: `compile_blocks` (regional). "
+                f"grouped_mm experts, `torch.compile(model)`; ours: `compile_blocks` (regional), each step the shipped "
+                f"`train_step` (global-norm clip 1.0, expert-bias update). "
                 f"Measured bf16 matmul (8192^3): {mm / 1e12:.0f} TFLOP/s. Command: "
                 f"`python benchmarks/bench_train.py {env['argv']}`", ""]
 
