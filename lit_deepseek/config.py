@@ -218,7 +218,11 @@ class TrainingConfig:
     seq_length: int = 4096
     """Tokens per training sequence."""
     use_fp8: bool = False
-    """FP8 training of linear layers and experts (needs compute capability >= 8.9)."""
+    """FP8 training of linear layers and experts (Hopper GPU; on CPU its float32 emulation)."""
+    fp8_recipe: Literal["blockwise", "rowwise"] = "blockwise"
+    """FP8 scaling: blockwise = DeepSeek-V3's 1x128 activation tiles and 128x128 weight blocks; rowwise = one scale per row."""
+    fp8_exclude: list[str] = field(default_factory=lambda: ["embed", "head", "gate"])
+    """Modules kept in BF16 under use_fp8 (names or glob patterns; default embedding, output head, MoE router)."""
     precision: Literal["bf16-mixed", "32-true", "bf16-true", "16-mixed"] = "bf16-mixed"
     """Lightning precision plugin."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -680,18 +684,24 @@ def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> No
             if p.pipeline_schedule == "interleaved_1f1b":
                 need(n_micro % pp == 0, f"training.global_batch_size: interleaved_1f1b needs the micro-batch count "
                                         f"({n_micro}) to be a multiple of PP ({pp})")
+    need(t.fp8_recipe in ("blockwise", "rowwise"),
+         f"training.fp8_recipe: must be blockwise or rowwise, got {t.fp8_recipe!r}")
+    need(isinstance(t.fp8_exclude, (list, tuple)) and all(isinstance(p, str) and p.strip() == p and p
+                                                         for p in t.fp8_exclude),
+         f"training.fp8_exclude: must be a list of module names or glob patterns (non-empty, no surrounding spaces), "
+         f"got {t.fp8_exclude!r}")
     if t.use_fp8:
-        _check_fp8_available()
+        _check_fp8_available(t.fp8_recipe)
 
 
-def _check_fp8_available() -> None:
+def _check_fp8_available(recipe: str) -> None:
+    """A CUDA GPU must run the recipe; without CUDA, FP8 runs as its float32 emulation."""
     import torch
 
-    if not torch.cuda.is_available():
-        raise ConfigError("training.use_fp8: FP8 training needs a CUDA GPU with compute capability >= 8.9; none is available")
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        raise ConfigError(f"training.use_fp8: FP8 training needs compute capability >= 8.9, this GPU has {major}.{minor}")
+    if torch.cuda.is_available():
+        from lit_deepseek.kernels.fp8 import check_fp8_supported
+
+        check_fp8_supported(recipe)
 
 
 # --------------------------------------------------------------------------------------------

@@ -197,42 +197,44 @@ class _Fp8Linear(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------------- blockwise, dense
 #: row stride of the 128x128 weight scales that cuBLAS takes: torch 2.9-2.11 want ceil(K/128)
-#: rounded up to a multiple of 4 (16-byte aligned), later versions ceil(K/128) itself; found by trial
+#: rounded up to a multiple of 4 (16-byte aligned), later versions ceil(K/128) itself; found by
+#: trial at the first call whose ceil(K/128) is not a multiple of 4 (where the two differ)
 _WEIGHT_SCALE_PAD4: Optional[bool] = None
 
 
-def _weight_scales_for_cublas(sb: Tensor, pad4: bool) -> Tensor:
-    """128x128 scales [Nt, Kt] of b [Np, Kp] -> the (Kt, Nt) tensor `_scaled_mm` takes for b.T,
-    whose transpose is row-major with a row stride of Kt (pad4: Kt rounded up to 4)."""
+def cublas_block_scales(sa: Tensor, sb: Tensor, b_blocks: bool, pad4: bool = False) -> tuple[Tensor, Tensor]:
+    """The scale tensors `torch._scaled_mm(aq, bq.t(), ...)` takes for 1x128 scales sa [M, Kt] of aq
+    and 128x128 [N/128, Kt] (b_blocks) or 1x128 [N, Kt] scales sb of bq (torch's rules): scale_a
+    (M, Kt) column-major (outer-dim-major); 1x128 scale_b (Kt, N) row-major; 128x128 scale_b
+    (Kt, N/128) whose transpose is row-major with row stride Kt (pad4: Kt rounded up to 4)."""
+    scale_a = sa.t().contiguous().t()
+    if not b_blocks:
+        return scale_a, sb.t().contiguous()
     nt, kt = sb.shape
     ld = -(-kt // 4) * 4 if pad4 else kt
     buf = sb.new_zeros(nt, ld)
     buf[:, :kt] = sb
-    return buf[:, :kt].t()
+    return scale_a, buf[:, :kt].t()
 
 
 @torch.library.custom_op("lit_deepseek::blockwise_mm_t", mutates_args=())
 def _blockwise_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
     """aq [M, Kp] e4m3 with 1x128 scales sa [M, Kt]; bq [N, Kp] e4m3 with 128x128 scales [N/128, Kt]
-    (b_blocks) or 1x128 scales [N, Kt] -> bf16 [M, N] by cuBLAS block-scaled `torch._scaled_mm`.
-
-    Scale layouts (torch's rules): scale_a (M, Kt) column-major (outer-dim-major); for 1x128 b,
-    scale_b (Kt, N) row-major; for 128x128 b, see `_weight_scales_for_cublas`."""
+    (b_blocks) or 1x128 scales [N, Kt] -> bf16 [M, N] by cuBLAS block-scaled `torch._scaled_mm`."""
     global _WEIGHT_SCALE_PAD4
-    scale_a = sa.t().contiguous().t()
     a, b = aq.contiguous(), bq.contiguous().t()
-    if not b_blocks:
-        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=sb.t().contiguous(), out_dtype=torch.bfloat16)
-    if _WEIGHT_SCALE_PAD4 is not None or sb.shape[1] % 4 == 0:
-        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=_weight_scales_for_cublas(sb, bool(_WEIGHT_SCALE_PAD4)),
-                                out_dtype=torch.bfloat16)
+
+    def run(pad4: bool) -> Tensor:
+        scale_a, scale_b = cublas_block_scales(sa, sb, b_blocks, pad4)
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+
+    if not b_blocks or _WEIGHT_SCALE_PAD4 is not None or sb.shape[1] % 4 == 0:
+        return run(bool(_WEIGHT_SCALE_PAD4))
     try:
-        out = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=_weight_scales_for_cublas(sb, True),
-                               out_dtype=torch.bfloat16)
+        out = run(True)
         _WEIGHT_SCALE_PAD4 = True
     except RuntimeError:
-        out = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=_weight_scales_for_cublas(sb, False),
-                               out_dtype=torch.bfloat16)
+        out = run(False)
         _WEIGHT_SCALE_PAD4 = False
     return out
 
@@ -600,21 +602,38 @@ def convert_to_fp8(module: nn.Module, recipe: str = "blockwise", exclude: Sequen
     for name, sub in module.named_modules():
         if not name or fp8_excluded(name, exclude):
             continue
-        if type(sub) is nn.Linear:
-            if recipe == "rowwise" and not _is_dtensor(sub.weight) and not _aligned(*sub.weight.shape):
-                continue
-            sub.__class__ = Float8Linear
+        w = sub.weight if isinstance(sub, nn.Linear) else getattr(sub, "w1", None)
+        if recipe == "rowwise" and w is not None and not _is_dtensor(w) and not _aligned(*w.shape[-2:]):
+            continue  # the row-wise kernels need dimensions that are multiples of 16
+        if _swap_class(sub, nn.Linear, Float8Linear):
             kind = "linear"
-        elif experts and type(sub) is GroupedExperts:
-            if recipe == "rowwise" and not _aligned(*sub.w1.shape[1:]):
-                continue
-            sub.__class__ = Float8GroupedExperts
+        elif experts and _swap_class(sub, GroupedExperts, Float8GroupedExperts):
             kind = "experts"
         else:
             continue
         sub.fp8_emulate, sub.fp8_recipe = emulate, recipe
         counts[kind] += 1
     return counts
+
+
+_DERIVED: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(module: nn.Module, base: type, fp8_cls: type) -> bool:
+    """Make `module` (of class `base`, or of a wrapper subclass such as FSDP2's `FSDP<base>`) an
+    instance of `fp8_cls`, keeping the wrapper. False when it is neither."""
+    cls = type(module)
+    if cls is base:
+        module.__class__ = fp8_cls
+        return True
+    if base in cls.__bases__ and not issubclass(cls, fp8_cls):
+        key = (cls, fp8_cls)
+        if key not in _DERIVED:
+            bases = tuple(fp8_cls if b is base else b for b in cls.__bases__)
+            _DERIVED[key] = type(cls.__name__.replace(base.__name__, fp8_cls.__name__), bases, {})
+        module.__class__ = _DERIVED[key]
+        return True
+    return False
 
 
 def set_fp8_enabled(model: nn.Module, enabled: bool) -> None:

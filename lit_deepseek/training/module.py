@@ -71,17 +71,16 @@ class DeepSeekLightningModule(L.LightningModule):
         if any(p.is_meta for p in model.parameters()):
             model.to_empty(device=self.device if self.device.type != "meta" else torch.device("cpu"))
         model.init_weights(seed=self.training_config.seed)
+        if self.training_config.use_fp8:  # before sharding: same parameters, FP8 products
+            from lit_deepseek.kernels.fp8 import convert_to_fp8
+
+            convert_to_fp8(model, recipe=self.training_config.fp8_recipe, exclude=self.training_config.fp8_exclude)
         self.model = self.plan.parallelize(model)
         if self.training_config.activation_checkpointing != "none":
             from lit_deepseek.training.checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model, self.training_config.activation_checkpointing)
         parts = self.plan.model_parts(self.model)
-        if self.training_config.use_fp8:
-            from lit_deepseek.kernels.fp8 import convert_to_fp8
-
-            for part in parts:
-                convert_to_fp8(part)
         if self.training_config.compile:
             from lit_deepseek.kernels.compile import compile_blocks
 
