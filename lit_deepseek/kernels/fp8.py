@@ -293,20 +293,25 @@ def _out_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _linear_output_placements(x: Any, w: Any, out_ndim: int) -> list:
-    """Placements of y = x @ w.T from those of a DTensor weight w [N, K] and input x (DTensor or local)."""
+def _linear_placements(x: Any, w: Any, out_ndim: int) -> tuple[list, list, list]:
+    """For y = x @ w.T with a DTensor weight w [N, K] and input x (DTensor or local), computed on
+    the local shards: the placements of y, and those that the local gradients of x and w have
+    (Partial where a rank's local product holds only part of a sum)."""
     from torch.distributed.tensor import Partial, Replicate, Shard
 
     x_places = x.placements if _is_dtensor(x) else [Replicate()] * len(w.placements)
-    out = []
+    out, grad_x, grad_w = [], [], []
     for wp, xp in zip(w.placements, x_places, strict=True):
+        tokens_sharded = xp.is_shard() and not xp.is_shard(x.ndim - 1)
         if wp.is_shard(0):
             out.append(Shard(out_ndim - 1))
         elif wp.is_shard(1) or xp.is_shard(x.ndim - 1):
             out.append(Partial())
         else:
             out.append(xp)
-    return out
+        grad_x.append(Partial() if wp.is_shard(0) and xp.is_replicate() else xp)
+        grad_w.append(Partial() if wp.is_replicate() and tokens_sharded else wp)
+    return out, grad_x, grad_w
 
 
 class Float8Linear(nn.Linear):
@@ -325,9 +330,10 @@ class Float8Linear(nn.Linear):
         if _is_dtensor(w):
             from torch.distributed.tensor import DTensor
 
-            x_local = x.to_local() if _is_dtensor(x) else x
-            y = self._product(x_local, w.to_local())
-            y = DTensor.from_local(y, w.device_mesh, _linear_output_placements(x, w, y.dim()), run_check=False)
+            out, grad_x, grad_w = _linear_placements(x, w, x.dim())
+            x_local = x.to_local(grad_placements=grad_x) if _is_dtensor(x) else x
+            y = self._product(x_local, w.to_local(grad_placements=grad_w))
+            y = DTensor.from_local(y, w.device_mesh, out, run_check=False)
         else:
             y = self._product(x, w)
         if self.bias is not None:
