@@ -2,8 +2,10 @@
 
 (a) convergence: BF16 seed A, BF16 seed B (the seed-to-seed noise floor), FP8 blockwise and FP8
     row-wise (seed A), same model, data (the built-in corpus: real text) and schedule, >= 64k tokens
-    per step. Final loss = mean of the last 100 logged steps; a gap table against BF16 seed A and a
-    PNG of the curves (saved in benchmarks/ and logged to MLflow with the table).
+    per step. The learning rate is constant after warm-up, so runs that a time limit
+    (`--trainer.max_time`, an equal share of --conv-budget-s each) stops at different steps are
+    compared over their common steps: final loss = mean of the last 100 common steps. A gap table
+    against BF16 seed A and a PNG of the curves (saved in benchmarks/, logged to MLflow with the table).
 (b) speed: tokens/s and MFU of bf16 vs FP8 blockwise vs FP8 row-wise (bf16-mixed, regional
     compile) on the small config and on a d_model 2048 config, median of the last half of the steps.
 
@@ -11,8 +13,10 @@ All runs log to one MLflow SQLite store (`<out>/mlflow.db`, experiment `bench-fp
 subprocess with a hard time limit, and the whole script stops starting runs past --budget-s.
 
     python benchmarks/bench_fp8.py --phases convergence --steps 1000 --out $OUT/fp8
-    python benchmarks/bench_fp8.py --phases speed --speed-configs small,large --out $OUT/fp8
-    python benchmarks/bench_fp8.py --phases convergence --steps 6 --conv-size tiny --device cpu --out /tmp/f  # smoke
+    python benchmarks/bench_fp8.py --phases speed --speed-configs small --out $OUT/fp8
+    python benchmarks/bench_fp8.py --phases speed --speed-configs large --out $OUT/fp8
+    python benchmarks/bench_fp8.py --phases convergence --steps 4 --conv-size tiny --device cpu \
+        --conv-budget-s 600 --out /tmp/bench_fp8  # CPU smoke of the whole path
 """
 
 from __future__ import annotations
@@ -30,18 +34,19 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "bench-fp8"
 
-# (a) the convergence model: a DeepSeek-V3-shaped MoE sized so four 1,000-step runs at 64k tokens
-# per step fit in about 8 minutes on one H200 (dims multiples of 128: whole FP8 tiles)
+# (a) the convergence model: a small DeepSeek-V3-shaped MoE (MLA, 8 experts top-2 + shared, MTP)
+# sized so four 1,000-step runs at 64k tokens per step aim at 8 minutes on one H200; dims are
+# multiples of 128 (whole FP8 tiles); byte tokens of the built-in corpus
 CONV_MODEL = {
-    "model.vocab_size": 320, "model.num_layers": 6, "model.first_dense_layers": 1,
+    "model.vocab_size": 320, "model.num_layers": 4, "model.first_dense_layers": 1,
     "model.dense_intermediate_size": 1536, "model.mtp_depth": 1,
     "model.mla.d_model": 512, "model.mla.d_latent": 256, "model.mla.d_q_latent": 384, "model.mla.num_heads": 8,
     "model.mla.qk_nope_head_dim": 64, "model.mla.qk_rope_head_dim": 32, "model.mla.v_head_dim": 64,
     "model.mla.max_context_length": 1024,
-    "model.moe.num_experts": 16, "model.moe.num_experts_per_token": 2, "model.moe.expert_intermediate_size": 512,
+    "model.moe.num_experts": 8, "model.moe.num_experts_per_token": 2, "model.moe.expert_intermediate_size": 512,
     "model.moe.num_shared_experts": 1, "model.moe.num_expert_groups": 1, "model.moe.num_limited_groups": 1,
     "training.seq_length": 1024, "training.global_batch_size": 64, "training.micro_batch_size": 32,
-    "training.learning_rate": 1e-3, "training.min_learning_rate": 1e-4, "training.lr_warmup_steps": 100,
+    "training.learning_rate": 1e-3, "training.lr_schedule": "constant", "training.lr_warmup_steps": 100,
 }
 # the CPU smoke size (same code path, a few steps)
 TINY_MODEL = {**CONV_MODEL, "model.num_layers": 2, "model.mla.d_model": 128, "model.mla.d_latent": 128,
@@ -49,21 +54,23 @@ TINY_MODEL = {**CONV_MODEL, "model.num_layers": 2, "model.mla.d_model": 128, "mo
               "model.moe.num_experts": 4, "model.moe.expert_intermediate_size": 128, "training.seq_length": 128,
               "training.global_batch_size": 4, "training.micro_batch_size": 2, "training.lr_warmup_steps": 2,
               "model.mla.max_context_length": 128}
-# (b) speed: the small config on one GPU, and a d_model 2048 config (V3 head dims, 64 experts top-6)
+# (b) speed: the small config on one GPU, and a d_model 2048 config (V3 head dims, 32 experts top-6,
+# 8 layers: fits one H200 with float32 master weights and AdamW states)
 SPEED = {
     "small": ("configs/deepseek_v3_small.yaml", {"training.micro_batch_size": 4, "training.global_batch_size": 8}),
     "large": ("configs/deepseek_v3_small.yaml", {
-        "model.num_layers": 16, "model.dense_intermediate_size": 8192, "model.mla.d_model": 2048,
+        "model.num_layers": 8, "model.dense_intermediate_size": 8192, "model.mla.d_model": 2048,
         "model.mla.num_heads": 16, "model.mla.d_q_latent": 1536, "model.mla.d_latent": 512,
         "model.mla.qk_nope_head_dim": 128, "model.mla.qk_rope_head_dim": 64, "model.mla.v_head_dim": 128,
-        "model.moe.num_experts": 64, "model.moe.num_experts_per_token": 6, "model.moe.expert_intermediate_size": 1408,
+        "model.moe.num_experts": 32, "model.moe.num_experts_per_token": 6, "model.moe.expert_intermediate_size": 1408,
         "model.moe.num_shared_experts": 2, "training.micro_batch_size": 2, "training.global_batch_size": 4}),
 }
 VARIANTS = {"bf16": (False, None), "fp8-blockwise": (True, "blockwise"), "fp8-rowwise": (True, "rowwise")}
 
 
 def fit(name: str, config: str, overrides: dict[str, Any], out: Path, limit_s: float, device: str) -> dict[str, Any]:
-    """One `lit-deepseek fit` subprocess; returns its MLflow metric histories (or the failure)."""
+    """One `lit-deepseek fit` subprocess that stops training after limit_s (`--trainer.max_time`) and
+    is killed 90 s later; returns its MLflow metric histories (or the failure)."""
     run_dir = Path("/tmp") / "bench_fp8_runs" / f"{name}-{int(time.time())}"
     args = [sys.executable, "-m", "lit_deepseek", "fit", "--config", str(ROOT / config),
             "--parallel.expert_parallel_size", "1", "--parallel.data_parallel_size", "1", "--parallel.zero_stage", "0",
@@ -71,7 +78,7 @@ def fit(name: str, config: str, overrides: dict[str, Any], out: Path, limit_s: f
             "--logging.experiment_name", EXPERIMENT, "--logging.run_name", name, "--logging.log_every_n_steps", "1",
             "--logging.progress_bar", "false", "--logging.heatmap_every_n_steps", "100000",
             "--checkpoint.every_n_steps", "100000", "--training.val_every_n_steps", "100000",
-            "--data.train_shards", "null", "--data.val_shards", "null"]
+            "--trainer.max_time", time.strftime("00:%H:%M:%S", time.gmtime(max(1, int(limit_s))))]
     if device == "cpu":
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
     for key, value in overrides.items():
@@ -80,10 +87,11 @@ def fit(name: str, config: str, overrides: dict[str, Any], out: Path, limit_s: f
     start = time.perf_counter()
     print(f"[{name}] starting (limit {limit_s:.0f}s)", flush=True)
     try:
-        proc = subprocess.run(args, cwd=out, env=env, capture_output=True, text=True, timeout=limit_s)
+        proc = subprocess.run(args, cwd=out, env=env, capture_output=True, text=True, timeout=limit_s + 90)
         ok, tail = proc.returncode == 0, proc.stderr[-3000:]
     except subprocess.TimeoutExpired as exc:
-        ok, tail = False, f"timed out after {limit_s:.0f}s; " + (exc.stderr or b"")[-2000:].decode(errors="replace")
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        ok, tail = False, f"killed after {limit_s + 90:.0f}s; " + err[-2000:]
     wall = time.perf_counter() - start
     result: dict[str, Any] = {"name": name, "ok": ok, "wall_s": wall, **read_run(out, name)}
     print(f"[{name}] {'done' if ok else 'FAILED'} in {wall:.0f}s, {len(result.get('loss', []))} logged steps", flush=True)
@@ -121,9 +129,10 @@ def convergence(args: argparse.Namespace, out: Path, deadline: float) -> list[st
     runs = [("bf16-seedA", False, None, args.seed_a), ("bf16-seedB", False, None, args.seed_b),
             ("fp8-blockwise", True, "blockwise", args.seed_a), ("fp8-rowwise", True, "rowwise", args.seed_a)]
     results = {}
+    share = args.conv_budget_s / len(runs)
     for name, fp8, recipe, seed in runs:
         left = deadline - time.time()
-        if left < 30:
+        if left < 60:
             print(f"[{name}] skipped: benchmark budget spent", flush=True)
             continue
         over = {**model, "training.max_steps": args.steps, "training.seed": seed, "training.use_fp8": fp8,
@@ -131,19 +140,22 @@ def convergence(args: argparse.Namespace, out: Path, deadline: float) -> list[st
                 "training.compile": args.device != "cpu"}
         if recipe:
             over["training.fp8_recipe"] = recipe
-        results[name] = fit(f"conv-{name}", "configs/cpu_demo.yaml", over, out, min(args.run_limit_s, left), args.device)
+        results[name] = fit(f"conv-{name}", "configs/cpu_demo.yaml", over, out, min(share, left - 30), args.device)
     tokens = model["training.seq_length"] * model["training.global_batch_size"]
-    window = min(100, args.steps)
-    lines = [f"## FP8 convergence ({args.steps} steps x {tokens:,} tokens, mean of the last {window} steps)", "",
-             "| run | final loss | vs BF16 seed A | wall s |", "| --- | --- | --- | --- |"]
-    base = final_loss(results.get("bf16-seedA", {}).get("loss", []), window)
+    common = min((len(r.get("loss", [])) for r in results.values()), default=0)
+    window = min(100, common)
+    lines = [f"## FP8 convergence ({common} common steps of {args.steps} asked x {tokens:,} tokens, mean of the "
+             f"last {window})", "", "| run | steps done | final loss | vs BF16 seed A | wall s |",
+             "| --- | --- | --- | --- | --- |"]
+    base = final_loss(results.get("bf16-seedA", {}).get("loss", [])[:common], window)
     finals = {}
     for name, r in results.items():
-        f = final_loss(r.get("loss", []), window)
+        f = final_loss(r.get("loss", [])[:common], window) if common else None
         finals[name] = f
         gap = f"{100 * (f - base) / base:+.3f}%" if f is not None and base else "-"
-        lines.append(f"| {name} | {f:.4f} | {gap} | {r['wall_s']:.0f} |" if f is not None else
-                     f"| {name} | failed | - | {r['wall_s']:.0f} |")
+        done = len(r.get("loss", []))
+        lines.append(f"| {name} | {done} | {f:.4f} | {gap} | {r['wall_s']:.0f} |" if f is not None else
+                     f"| {name} | {done} | failed | - | {r['wall_s']:.0f} |")
     b = finals.get("bf16-seedB")
     if base and b is not None:
         noise = abs(b - base) / base
@@ -215,7 +227,7 @@ def speed(args: argparse.Namespace, out: Path, deadline: float) -> list[str]:
         base = None
         for variant in args.recipes.split(","):
             left = deadline - time.time()
-            if left < 30:
+            if left < 60:
                 lines.append(f"| {config} | {variant} | skipped (budget) | | |")
                 continue
             fp8, recipe = VARIANTS[variant]
@@ -223,7 +235,7 @@ def speed(args: argparse.Namespace, out: Path, deadline: float) -> list[str]:
                  "training.precision": "bf16-mixed", "training.seq_length": 4096, "training.lr_warmup_steps": 2}
             if recipe:
                 o["training.fp8_recipe"] = recipe
-            r = fit(f"speed-{config}-{variant}", path, o, out, min(args.run_limit_s, left), args.device)
+            r = fit(f"speed-{config}-{variant}", path, o, out, min(args.run_limit_s, left - 30), args.device)
             tps, mfu = r.get("tokens_per_s", []), r.get("mfu", [])
             if not tps:
                 lines.append(f"| {config} | {variant} | failed | | |")
@@ -242,15 +254,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phases", default="convergence,speed", help="comma list: convergence, speed")
     ap.add_argument("--out", default="bench_fp8_out", help="folder for mlflow.db, the JSON and the report")
-    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps of each convergence run")
+    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps asked of each convergence run")
+    ap.add_argument("--conv-budget-s", type=float, default=440,
+                    help="training time of the four convergence runs together (an equal share each)")
     ap.add_argument("--conv-size", choices=["gpu", "tiny"], default="gpu", help="tiny: the CPU smoke model")
     ap.add_argument("--seed-a", type=int, default=1234)
     ap.add_argument("--seed-b", type=int, default=4321)
     ap.add_argument("--speed-configs", default="small,large", help="comma list of: small, large")
     ap.add_argument("--recipes", default="bf16,fp8-blockwise,fp8-rowwise", help="speed variants")
     ap.add_argument("--speed-steps", type=int, default=12)
-    ap.add_argument("--run-limit-s", type=float, default=240, help="hard limit of one fit subprocess")
-    ap.add_argument("--budget-s", type=float, default=570, help="no run starts after this many seconds")
+    ap.add_argument("--run-limit-s", type=float, default=150, help="training time limit of one speed run")
+    ap.add_argument("--budget-s", type=float, default=560, help="no run starts after this many seconds")
     ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
     args = ap.parse_args()
     out = Path(args.out).resolve()

@@ -313,8 +313,8 @@ def test_cli_fp8_run_on_cpu_learns(tmp_path: Path) -> None:
     from tests.test_cli import DEMO, run_cli
 
     run_dir = tmp_path / "run"
-    proc = run_cli("fit", "--config", str(DEMO), "--training.use_fp8", "true", "--training.max_steps", "12",
-                   "--training.lr_warmup_steps", "3", "--training.global_batch_size", "4", "--training.seq_length", "64",
+    proc = run_cli("fit", "--config", str(DEMO), "--training.use_fp8", "true", "--training.max_steps", "8",
+                   "--training.lr_warmup_steps", "2", "--training.global_batch_size", "4", "--training.seq_length", "64",
                    "--training.micro_batch_size", "2", "--training.val_every_n_steps", "100",
                    "--checkpoint.every_n_steps", "100", "--logging.log_every_n_steps", "1",
                    "--logging.run_dir", str(run_dir), "--logging.progress_bar", "false", cwd=tmp_path)
@@ -324,8 +324,8 @@ def test_cli_fp8_run_on_cpu_learns(tmp_path: Path) -> None:
     run = client.search_runs([client.get_experiment_by_name("cpu-demo").experiment_id])[0]
     assert run.data.params["training.fp8_recipe"] == "blockwise"
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
-    assert len(loss) == 12
-    assert sum(loss[-3:]) / 3 < 0.8 * sum(loss[:2]) / 2, loss
+    assert len(loss) == 8
+    assert sum(loss[-2:]) / 2 < 0.8 * sum(loss[:2]) / 2, loss
 
 
 @pytest.mark.parametrize("args,needle", [
