@@ -167,7 +167,9 @@ def convergence(args: argparse.Namespace, out: Path, deadline: float) -> list[st
                 verdict = "met" if gap <= 0.005 and gap <= noise + 0.0025 else "not met"
                 lines.append(f"{name}: gap {100 * gap:.3f}% (target <= 0.5% and <= noise + 0.25% = "
                              f"{100 * (noise + 0.0025):.3f}%): {verdict}.")
-    png = plot(results, ROOT / "benchmarks" / "fp8_convergence.png", window)
+    png = plot(results, out / "fp8_convergence.png", window)
+    if png:
+        (ROOT / "benchmarks" / "fp8_convergence.png").write_bytes(png.read_bytes())
     (out / "fp8_convergence.json").write_text(json.dumps(results))
     log_summary(out, "conv-summary", "\n".join(lines), [png] if png else [])
     return lines
