@@ -222,11 +222,14 @@ def _blockwise_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks:
     """aq [M, Kp] e4m3 with 1x128 scales sa [M, Kt]; bq [N, Kp] e4m3 with 128x128 scales [N/128, Kt]
     (b_blocks) or 1x128 scales [N, Kt] -> bf16 [M, N] by cuBLAS block-scaled `torch._scaled_mm`."""
     global _WEIGHT_SCALE_PAD4
+    m = aq.shape[0]
+    if m % 16:  # rows (and the column-major scale_a stride) padded to 16: cuBLAS alignment
+        aq, sa = _pad_to(aq.view(torch.uint8), 0, 16).view(aq.dtype), _pad_to(sa, 0, 16)
     a, b = aq.contiguous(), bq.contiguous().t()
 
     def run(pad4: bool) -> Tensor:
         scale_a, scale_b = cublas_block_scales(sa, sb, b_blocks, pad4)
-        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)[:m]
 
     if not b_blocks or _WEIGHT_SCALE_PAD4 is not None or sb.shape[1] % 4 == 0:
         return run(bool(_WEIGHT_SCALE_PAD4))
