@@ -218,22 +218,19 @@ def test_fp8_exclude_patterns() -> None:
     assert counts["experts"] == len(model.moe_layers()) - 1
 
 
-def test_compiled_blockwise_model_matches_eager() -> None:
-    from lit_deepseek.kernels.compile import compile_blocks
-
-    cfg = tiny_model_config()
+def test_compiled_blockwise_layers_match_eager() -> None:
+    """torch.compile traces the FP8 autograd functions (aot_eager on CPU; inductor in the GPU test)."""
     torch.manual_seed(0)
-    model = DeepSeekV3(cfg)
-    convert_to_fp8(model, emulate=True)
+    model = nn.Sequential(nn.Linear(200, 136, bias=False), nn.SiLU(), nn.Linear(136, 72, bias=False))
+    convert_to_fp8(model, exclude=[], emulate=True)
     compiled = copy.deepcopy(model)
-    assert compile_blocks(compiled, backend="aot_eager") > 0
-    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    compiled.compile(backend="aot_eager")
+    x = torch.randn(2, 64, 200)
     grads = []
     for m in (model, compiled):
-        h, mtp = m(ids, return_hidden=True)
-        model_loss(m.head.weight, h, mtp, ids, 0.3).total.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
-    assert rel(grads[1], grads[0]) < 1e-4
+        m(x).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert rel(grads[1], grads[0]) < 1e-5
 
 
 def _tp_fp8_worker(rank: int, world_size: int, cfg, batch) -> tuple:
