@@ -18,6 +18,8 @@ Set TRITON_INTERPRET=1 to run these kernels on CPU tensors.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -93,11 +95,15 @@ def _tile_map(offsets: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor, in
     return torch.where(valid, g, -1).to(torch.int32), first_row.to(torch.int32), n_prog
 
 
-def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor, block_m: int = 64) -> Tensor:
+def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor,
+                 block_m: Optional[int] = None) -> Tensor:
     """aq [M, Kp] e4m3 (1x128 scales sa [M, Kp/128]) with rows sorted by group; bq [E, Np, Kp] e4m3
-    (128x128 scales sb [E, Np/128, Kp/128]) -> bf16 [M, Np], rows past offsets[-1] are zero."""
+    (128x128 scales sb [E, Np/128, Kp/128]) -> bf16 [M, Np], rows past offsets[-1] are zero.
+    block_m: rows per program; None = 128 when groups average >= 256 rows, else 64."""
     m, kp = aq.shape
     e, np_, _ = bq.shape
+    if block_m is None:
+        block_m = 128 if m >= 256 * e else 64
     out = torch.zeros(m, np_, device=aq.device, dtype=torch.bfloat16)
     if m == 0:
         return out
@@ -108,7 +114,7 @@ def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor
     _grouped_mm_t_kernel[grid](a, sa, b, sb, out, group, first_row, offsets.to(torch.int32).contiguous(),
                                m, kp // BLOCK, a.stride(0), sa.stride(0), b.stride(0), b.stride(1), sb.stride(0),
                                sb.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK,
-                               num_warps=4)
+                               num_warps=8 if block_m == 128 else 4, num_stages=3)
     return out
 
 
@@ -124,5 +130,5 @@ def grouped_wgrad(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tenso
     grid = (e, np_ // BLOCK, kp // BLOCK)
     _grouped_wgrad_kernel[grid](a, sg, b, sx, out, offsets.to(torch.int32).contiguous(), a.stride(0), sg.stride(0),
                                 b.stride(0), sx.stride(0), out.stride(0), out.stride(1),
-                                BLOCK_N=BLOCK, BLOCK_K=BLOCK, BLOCK_T=BLOCK, num_warps=8)
+                                BLOCK_N=BLOCK, BLOCK_K=BLOCK, BLOCK_T=BLOCK, num_warps=8, num_stages=3)
     return out
