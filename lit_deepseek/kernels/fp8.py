@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from lit_deepseek.config import ConfigError
 from lit_deepseek.model.moe import GroupedExperts
+from lit_deepseek.precision import compute_dtype
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -289,13 +290,6 @@ def _is_dtensor(t: Any) -> bool:
     return type(t).__name__ == "DTensor"
 
 
-def _out_dtype(x: Tensor) -> torch.dtype:
-    """The dtype nn.Linear would return: the autocast dtype inside autocast, else x's dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def _linear_placements(x: Any, w: Any, out_ndim: int) -> tuple[list, list, list]:
     """For y = x @ w.T with a DTensor weight w [N, K] and input x (DTensor or local), computed on
     the local shards: the placements of y, and those that the local gradients of x and w have
@@ -344,7 +338,7 @@ class Float8Linear(nn.Linear):
         return y
 
     def _product(self, x: Tensor, w: Tensor) -> Tensor:
-        shape, out_dtype = x.shape, _out_dtype(x)
+        shape, out_dtype = x.shape, compute_dtype(x)
         emulate = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
         x2 = x.reshape(-1, shape[-1])
         if self.fp8_recipe == "blockwise":
@@ -552,6 +546,7 @@ class Float8GroupedExperts(GroupedExperts):
             return super().forward(x, counts, use_grouped_mm)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         e = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
+        x = x.to(compute_dtype(x))  # as GroupedExperts: the autocast dtype under mixed precision
         mm = fp8_blockwise_grouped_linear if self.fp8_recipe == "blockwise" else fp8_grouped_linear
         h = F.silu(mm(x, self.w1, offsets, e)) * mm(x, self.w3, offsets, e)
         return mm(h, self.w2, offsets, e).to(x.dtype)
