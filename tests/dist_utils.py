@@ -145,6 +145,10 @@ def train_steps(cfg: Any, plan: Any, steps: int, data_rank: int = 0, data_size: 
     torch.manual_seed(0)
     model = DeepSeekV3(cfg.model)
     model.init_weights(seed=cfg.training.seed)
+    if cfg.training.use_fp8:  # before sharding, as the LightningModule does
+        from lit_deepseek.kernels.fp8 import convert_to_fp8
+
+        convert_to_fp8(model, recipe=cfg.training.fp8_recipe, exclude=cfg.training.fp8_exclude)
     model = plan.parallelize(model)
     parts = plan.model_parts(model)
     optimizer = build_optimizer(parts, cfg.training, plan)
