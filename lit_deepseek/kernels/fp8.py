@@ -144,6 +144,8 @@ def fp8_mm_t(a: Tensor, b: Tensor, emulate: bool = False, out_dtype: torch.dtype
     """
     (_m, k), n = a.shape, b.shape[0]
     if not emulate and not _aligned(k, n):
+        _warn_once("rowwise-unaligned", f"training.fp8_recipe rowwise: products with dimensions that are not "
+                                        f"multiples of 16 (here K={k}, N={n}) run in {out_dtype}")
         return (a.to(out_dtype) @ b.to(out_dtype).t())
     aq, sa = quantize_rows(a)
     bq, sb = quantize_rows(b)
