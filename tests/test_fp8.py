@@ -243,8 +243,8 @@ def _tp_fp8_worker(rank: int, world_size: int, cfg, batch) -> tuple:
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
     model = make_model(cfg)
-    convert_to_fp8(model, emulate=None)  # before sharding, as the LightningModule does
     apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True, loss_parallel=True)
+    convert_to_fp8(model, emulate=None)  # after TP, in the order of `parallelize`
     sharded = type(model.layers["0"].attn.q_b_proj.weight).__name__
     with loss_parallel_context(model):
         loss = LocalPlan().forward_backward(model, batch, MICRO, vocab_parallel_loss(loss_fn)).total.item()
