@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model_config
@@ -23,15 +29,15 @@ def _model(seed: int = 0, **overrides: object) -> DeepSeekV3:
 def _decode_logits(model: DeepSeekV3, seqs: list[torch.Tensor], prompt_lens: list[int], block_size: int,
                    fp8: bool = False) -> list[torch.Tensor]:
     """Per step: logits [B, V] of the paged path; prefill of ragged prompts, then one token per step."""
-    ids, lengths = pad_prompts([s[:n].tolist() for s, n in zip(seqs, prompt_lens)], pad_id=0)
-    steps = min(len(s) - n for s, n in zip(seqs, prompt_lens))
+    ids, lengths = pad_prompts([s[:n].tolist() for s, n in zip(seqs, prompt_lens, strict=True)], pad_id=0)
+    steps = min(len(s) - n for s, n in zip(seqs, prompt_lens, strict=True))
     cache = PagedLatentCache(model.cfg.mla, len(model.layers), [len(s) for s in seqs], block_size=block_size,
                              fp8=fp8)
     cache.new_counts = lengths
     out = [_last_logits(model, ids, cache, lengths - 1)]
     cache.advance(lengths)
     for j in range(steps):
-        token = torch.stack([s[n + j] for s, n in zip(seqs, prompt_lens)])
+        token = torch.stack([s[n + j] for s, n in zip(seqs, prompt_lens, strict=True)])
         out.append(_last_logits(model, token[:, None], cache, None))
         cache.advance(1)
     return out
@@ -45,7 +51,7 @@ def test_paged_decode_equals_full_sequence_logits(block_size: int) -> None:
     seqs = [torch.randint(0, model.cfg.vocab_size, (n + 6,), generator=gen) for n in prompt_lens]
     with torch.no_grad():
         steps = _decode_logits(model, seqs, prompt_lens, block_size)
-        for b, (seq, n) in enumerate(zip(seqs, prompt_lens)):
+        for b, (seq, n) in enumerate(zip(seqs, prompt_lens, strict=True)):
             full = model(seq[None])[0]
             for j, logits in enumerate(steps):
                 ref = full[n - 1 + j]
@@ -130,7 +136,110 @@ def test_fp8_cache_logits_close_to_full_precision_cache() -> None:
     with torch.no_grad():
         exact = _decode_logits(model, seqs, prompt_lens, block_size=8)
         fp8 = _decode_logits(model, seqs, prompt_lens, block_size=8, fp8=True)
-    errors = [((f - e).abs().max() / e.abs().max()).item() for f, e in zip(exact[1:], fp8[1:])]
+    errors = [((f - e).abs().max() / e.abs().max()).item() for f, e in zip(exact[1:], fp8[1:], strict=True)]
     assert max(errors) < 0.05  # e4m3 keeps 3 mantissa bits: a few percent at most on the logits
     assert max(errors) > 0  # the FP8 path really quantized
     assert torch.equal(exact[0], fp8[0])  # the prefill runs the training form on unquantized latents
+
+
+# ------------------------------------------------------------------------------------ decode kernels
+def _filled_cache(fp8: bool, block_size: int = 16, heads: int = 4, lengths: tuple[int, ...] = (37, 5, 70)):
+    from lit_deepseek.config import MLAConfig
+
+    mla = MLAConfig(d_model=64, d_latent=32, d_q_latent=0, num_heads=heads, qk_nope_head_dim=8,
+                    qk_rope_head_dim=16, v_head_dim=8, max_context_length=128)
+    gen = torch.Generator().manual_seed(6)
+    cache = PagedLatentCache(mla, 1, [n + 2 for n in lengths], block_size=block_size, fp8=fp8)
+    s = max(lengths)
+    cache.new_counts = torch.tensor(lengths)
+    cache[0].write(torch.randn(len(lengths), s, 32, generator=gen), torch.randn(len(lengths), s, 16, generator=gen))
+    cache.advance(torch.tensor(lengths))
+    return cache, gen
+
+
+def kernel_vs_reference(fp8: bool, s: int) -> float:
+    """Relative max difference of the Triton kernel (on whatever device Triton runs) and the reference."""
+    from lit_deepseek.kernels.decode_attention import triton_decode_attention
+
+    cache, gen = _filled_cache(fp8)
+    layer = cache[0]
+    b = cache.batch
+    # the chunk's own tokens are written before attending, as in the model
+    cache.new_counts = None
+    layer.write(torch.randn(b, s, 32, generator=gen), torch.randn(b, s, 16, generator=gen))
+    q_lat, q_rope = torch.randn(b, s, 4, 32, generator=gen), torch.randn(b, s, 4, 16, generator=gen)
+    ref = layer.attend_reference(q_lat, q_rope, 0.2)
+    out = triton_decode_attention(layer, q_lat, q_rope, 0.2)
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_triton_decode_kernel_matches_reference_in_interpreter() -> None:
+    """TRITON_INTERPRET=1 must be set before triton is imported: a fresh process runs the kernel on CPU."""
+    pytest.importorskip("triton")
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_generate as t; "
+            "print([t.kernel_vs_reference(f, s) for f in (False, True) for s in (1, 2)])")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    assert len(errors) == 4 and max(errors) < 1e-5, errors
+
+
+def test_flash_mla_layout_is_a_view_of_our_pages() -> None:
+    from lit_deepseek.kernels.decode_attention import flash_mla_inputs
+
+    cache, gen = _filled_cache(False, block_size=64)
+    layer = cache[0]
+    q_lat, q_rope = torch.randn(3, 1, 4, 32, generator=gen), torch.randn(3, 1, 4, 16, generator=gen)
+    args = flash_mla_inputs(layer, q_lat, q_rope)
+    k_cache, table, seqlens = args["k_cache"], args["block_table"], args["cache_seqlens"]
+    assert k_cache.shape[1:] == (64, 1, 48) and k_cache.data_ptr() == cache.kv.data_ptr()
+    assert args["q"].shape == (3, 1, 4, 48) and args["head_dim_v"] == 32 and table.dtype == torch.int32
+    assert seqlens.tolist() == [38, 6, 71] and seqlens.dtype == torch.int32
+    dense = layer.gather(torch.float32)
+    for b, n in enumerate(seqlens.tolist()):  # FlashMLA's addressing: token t at page table[b, t // 64], slot t % 64
+        t = torch.arange(n - 1)
+        tokens = k_cache[table[b, t // 64].long(), t % 64, 0]
+        assert torch.equal(tokens, dense[b, : n - 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("s", [1, 3])
+def test_triton_decode_kernel_matches_reference_on_gpu_at_v3_shape(fp8: bool, s: int) -> None:
+    pytest.importorskip("triton")
+    from lit_deepseek.config import MLAConfig
+    from lit_deepseek.kernels.decode_attention import triton_decode_attention
+
+    mla = MLAConfig(d_model=7168, d_latent=512, num_heads=128, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                    v_head_dim=128, max_context_length=4096)
+    lengths = torch.tensor([1, 700, 3000, 64, 2047, 129])
+    dev = torch.device("cuda")
+    cache = PagedLatentCache(mla, 1, (lengths + s).tolist(), dtype=torch.bfloat16, device=dev, fp8=fp8)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    b, t = len(lengths), int(lengths.max()) + s
+    cache.new_counts = lengths.to(dev)
+    kv = torch.randn(b, t, 512, device=dev, generator=gen, dtype=torch.bfloat16)
+    cache[0].write(kv, torch.randn(b, t, 64, device=dev, generator=gen, dtype=torch.bfloat16))
+    cache.advance(lengths.to(dev))
+    cache[0].write(torch.randn(b, s, 512, device=dev, generator=gen, dtype=torch.bfloat16),
+                   torch.randn(b, s, 64, device=dev, generator=gen, dtype=torch.bfloat16))
+    q_lat = torch.randn(b, s, 128, 512, device=dev, generator=gen, dtype=torch.bfloat16)
+    q_rope = torch.randn(b, s, 128, 64, device=dev, generator=gen, dtype=torch.bfloat16)
+    scale = 192 ** -0.5
+    ref = cache[0].attend_reference(q_lat.float(), q_rope.float(), scale)
+    out = triton_decode_attention(cache[0], q_lat, q_rope, scale).float()
+    assert (out - ref).abs().max() / ref.abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_on_gpu_with_the_kernel_matches_the_reference_path() -> None:
+    model = _model().cuda()
+    ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(9)).cuda()
+    lengths = torch.tensor([9, 3, 6, 1]).cuda()
+    out = generate(model, ids, 12, prompt_lengths=lengths)
+    cpu = generate(model.cpu(), ids.cpu(), 12, prompt_lengths=lengths.cpu())
+    assert torch.equal(out.cpu(), cpu)

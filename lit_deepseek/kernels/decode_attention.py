@@ -23,7 +23,6 @@ is announced once.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 import warnings
@@ -31,6 +30,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+try:  # the kernel is defined at import: TRITON_INTERPRET=1 (CPU emulation) must be set before it
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a GPU extra
+    _HAS_TRITON = False
 
 FLASH_MLA_BLOCK = 64
 _warned: set[str] = set()
@@ -43,7 +50,7 @@ def warn_once(key: str, message: str) -> None:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def flash_mla_available() -> bool:
@@ -110,14 +117,9 @@ def flash_mla_attention(cache: Any, q_latent: Tensor, q_rope: Tensor, softmax_sc
 
 
 # ------------------------------------------------------------------------------------ Triton
-@functools.cache
-def _kernels() -> Any:
-    """Build the Triton kernels on first use (so TRITON_INTERPRET set by a test takes effect)."""
-    import triton
-    import triton.language as tl
-
+if _HAS_TRITON:
     @triton.jit
-    def stage1(Q, KV, SCALE, TABLE, ROW_SEQ, ROW_LEN, O, LSE,
+    def _stage1(Q, KV, SCALE, TABLE, ROW_SEQ, ROW_LEN, OUT, LSE,
                stride_qn, stride_qh, stride_kb, stride_kt, stride_tb, stride_on, stride_os, stride_oh,
                H, C, R, block_size, split_len, sm_scale,
                HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -170,13 +172,11 @@ def _kernels() -> Any:
                 p = p * sc_lat[None, :]
             acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), k_lat)
             m_i = m_new
-        o_ptr = O + n * stride_on + split * stride_os + heads[:, None] * stride_oh + offs_c[None, :]
+        o_ptr = OUT + n * stride_on + split * stride_os + heads[:, None] * stride_oh + offs_c[None, :]
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(o_ptr, out, mask=hmask[:, None] & cmask[None, :])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
         tl.store(LSE + (n * tl.num_programs(1) + split) * H + heads, lse, mask=hmask)
-
-    return stage1
 
 
 def _next_pow2(x: int, minimum: int = 16) -> int:
@@ -208,8 +208,7 @@ def decode_attention_kernel(q: Tensor, kv: Tensor, scale: Tensor | None, block_t
     splits = max(1, math.ceil(max(1, max_len) / split_len))
     partial = torch.empty(n_rows, splits, h, d_latent, device=q.device, dtype=torch.float32)
     lse = torch.empty(n_rows, splits, h, device=q.device, dtype=torch.float32)
-    stage1 = _kernels()
-    stage1[(n_rows, splits, head_blocks)](
+    _stage1[(n_rows, splits, head_blocks)](
         q, kv, scale if scale is not None else q, block_table, row_seq, row_len, partial, lse,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), block_table.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2),
