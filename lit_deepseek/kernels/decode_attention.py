@@ -123,7 +123,7 @@ if _HAS_TRITON:
                stride_qn, stride_qh, stride_kb, stride_kt, stride_tb, stride_on, stride_os, stride_oh,
                H, C, R, block_size, split_len, sm_scale,
                HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+               BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
         n = tl.program_id(0)
         split = tl.program_id(1)
         hb = tl.program_id(2)
@@ -153,8 +153,8 @@ if _HAS_TRITON:
                              other=0.0)
             k_lat = k_lat.to(q_lat.dtype)
             k_rope = k_rope.to(q_lat.dtype)
-            s_lat = tl.dot(q_lat, tl.trans(k_lat))
-            s_rope = tl.dot(q_rope, tl.trans(k_rope))
+            s_lat = tl.dot(q_lat, tl.trans(k_lat), input_precision=PRECISION)
+            s_rope = tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
             if HAS_SCALE:
                 slot = block.to(tl.int64) * block_size + t % block_size
                 sc_lat = tl.load(SCALE + slot * 2, mask=tmask, other=0.0)
@@ -170,7 +170,7 @@ if _HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_SCALE:
                 p = p * sc_lat[None, :]
-            acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), k_lat)
+            acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), k_lat, input_precision=PRECISION)
             m_i = m_new
         o_ptr = OUT + n * stride_on + split * stride_os + heads[:, None] * stride_oh + offs_c[None, :]
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -214,7 +214,8 @@ def decode_attention_kernel(q: Tensor, kv: Tensor, scale: Tensor | None, block_t
         partial.stride(0), partial.stride(1), partial.stride(2),
         h, d_latent, r, block_size, split_len, softmax_scale,
         HAS_SCALE=scale is not None, BLOCK_H=block_h, BLOCK_N=block_n,
-        BLOCK_C=_next_pow2(d_latent), BLOCK_R=_next_pow2(r), num_warps=num_warps, num_stages=num_stages)
+        BLOCK_C=_next_pow2(d_latent), BLOCK_R=_next_pow2(r), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
     weights = torch.softmax(lse, dim=1).nan_to_num(0.0)  # [N, splits, H]; empty splits weigh 0
     return (partial * weights[..., None]).sum(dim=1)
 
