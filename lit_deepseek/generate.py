@@ -18,6 +18,7 @@ length it is exactly ``[prompt | new]``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,3 +155,257 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, device: Any = None) -> tu
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
     return ids.to(device), torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+
+
+# ------------------------------------------------------------------------------------ model loading
+def load_for_generation(configs: list[str] | None = None, ckpt_path: str | None = None, model_dir: str | None = None,
+                        overrides: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+    """(model in eval mode, the run's DeepSeekConfig or None) from a training checkpoint or a directory.
+
+    ckpt_path: a Lightning ``.ckpt`` file, a distributed checkpoint folder (what the parallel
+    strategy writes), or ``last`` / ``best`` (in the config's checkpoint folder). model_dir: a
+    Hugging Face directory (config.json) or a native one (model.yaml). Raises ConfigError.
+    """
+    from lit_deepseek.checkpoint.hf import CheckpointError, load_hf_model, load_native_model
+    from lit_deepseek.config import ConfigError, load_config
+
+    if model_dir is not None:
+        path = Path(model_dir)
+        try:
+            if (path / "config.json").is_file():
+                model = load_hf_model(path, dtype=dtype, device=device)
+            elif (path / "model.yaml").is_file():
+                model = load_native_model(path, dtype=dtype, device=device)
+            else:
+                raise ConfigError(f"generate: --model {path} holds neither config.json (Hugging Face) nor "
+                                  "model.yaml (native)")
+        except (CheckpointError, FileNotFoundError) as exc:
+            raise ConfigError(f"generate: {exc}") from None
+        if overrides:
+            _apply_mla_overrides(model.cfg, overrides)
+        return model.eval(), None
+
+    cfg = load_config(*configs, overrides=overrides)
+    path = _resolve_ckpt(cfg, ckpt_path)
+    from lit_deepseek.model import DeepSeekV3
+
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights(seed=0)  # buffers; every parameter is overwritten by the checkpoint
+    if path.is_dir():
+        from lit_deepseek.parallel.checkpoint import load_checkpoint
+
+        try:
+            load_checkpoint(path, [model])
+        except Exception as exc:  # a folder of another model: DCP names the first mismatch
+            raise ConfigError(f"generate: --ckpt_path {path} does not fit the config's model: "
+                              f"{str(exc).splitlines()[0]}") from None
+    else:
+        state = torch.load(path, map_location=device, weights_only=True)
+        weights = {k.removeprefix("model."): v for k, v in state.get("state_dict", {}).items()
+                   if k.startswith("model.")}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            names = ", ".join((missing or unexpected)[:3])
+            raise ConfigError(f"generate: --ckpt_path {path} does not fit the config's model "
+                              f"({'missing' if missing else 'unexpected'}: {names})")
+    model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), cfg
+
+
+def _apply_mla_overrides(model_cfg: Any, overrides: dict[str, Any]) -> None:
+    from lit_deepseek.config import ConfigError
+
+    for key, value in overrides.items():
+        if not key.startswith("model.mla.") or not hasattr(model_cfg.mla, key.split(".")[-1]):
+            raise ConfigError(f"generate: {key}: with --model only model.mla decode settings can be overridden")
+        setattr(model_cfg.mla, key.split(".")[-1], value)
+
+
+def _resolve_ckpt(cfg: Any, ckpt_path: str | None) -> Path:
+    from lit_deepseek.config import ConfigError
+
+    if ckpt_path is None:
+        raise ConfigError("generate: --ckpt_path is required with --config (or pass --model DIR)")
+    if ckpt_path in ("last", "best"):
+        from lit_deepseek.training.callbacks import checkpoint_dir
+
+        path = checkpoint_dir(cfg) / f"{ckpt_path}.ckpt"
+    else:
+        path = Path(ckpt_path)
+    if not path.exists():
+        raise ConfigError(f"generate: --ckpt_path {path}: no such checkpoint file or folder")
+    if path.is_dir() and not (path / ".metadata").is_file():
+        raise ConfigError(f"generate: --ckpt_path {path} is a folder but not a distributed checkpoint (no .metadata)")
+    return path
+
+
+# ------------------------------------------------------------------------------------ command line
+def generate_main(argv: list[str]) -> int:
+    """`lit-deepseek generate (--config FILE --ckpt_path CKPT | --model DIR) --prompt TEXT ...`."""
+    import argparse
+    import json
+    import sys
+
+    import yaml
+
+    from lit_deepseek.config import ConfigError
+
+    parser = argparse.ArgumentParser(
+        prog="lit-deepseek generate",
+        description="Sample text from a trained checkpoint (greedy by default). One prompt streams to the "
+                    "terminal; several prompts (or --output) give JSONL lines {prompt, completion, new_tokens}. "
+                    "Extra --model.mla.KEY VALUE flags override decode settings (use_fp8_kv, use_flash_mla).")
+    src = parser.add_argument_group("model")
+    src.add_argument("--config", "-c", action="append", help="the run's YAML config (repeatable)")
+    src.add_argument("--ckpt_path", help="a .ckpt file, a distributed checkpoint folder, or last / best")
+    src.add_argument("--model", dest="model_dir", help="a Hugging Face (config.json) or native (model.yaml) directory")
+    src.add_argument("--tokenizer", help="tokenizers JSON (default: data.tokenizer of the config, tokenizer.json "
+                                         "in --model, else bytes)")
+    src.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    src.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="default: bfloat16 on CUDA, float32 on CPU")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts_file", help="a text file, one prompt per line")
+    gen.add_argument("--max_new_tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top_k", type=int, default=None)
+    gen.add_argument("--top_p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore_eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
+    gen.add_argument("--batch_size", type=int, default=32, help="prompts decoded together")
+    gen.add_argument("--output", "-o", help="write JSONL here instead of stdout")
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    it = iter(rest)
+    for key in it:
+        if not key.startswith("--"):
+            raise ConfigError(f"generate: unexpected argument {key}")
+        overrides[key[2:]] = yaml.safe_load(next(it, "null"))
+
+    # ---- every check that needs no model
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as exc:
+        raise ConfigError(f"generate: --{exc}") from None
+    if args.batch_size < 1:
+        raise ConfigError(f"generate: --batch_size: must be >= 1, got {args.batch_size}")
+    if (args.model_dir is None) == (args.config is None):
+        raise ConfigError("generate: give either --config FILE --ckpt_path CKPT or --model DIR")
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        file = Path(args.prompts_file)
+        if not file.is_file():
+            raise ConfigError(f"generate: --prompts_file {file}: file not found")
+        prompts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("generate: no prompts: pass --prompt TEXT or --prompts_file FILE")
+    if any(not p for p in prompts):
+        raise ConfigError("generate: --prompt: prompts must not be empty")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("generate: --device cuda: no CUDA GPU is available")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    # ---- tokenizer and the prompt-length check, still before the model is loaded
+    from lit_deepseek.data.tokenizer import load_tokenizer
+
+    run_cfg = None
+    if args.config:
+        from lit_deepseek.config import load_config
+
+        run_cfg = load_config(*args.config, overrides=overrides)
+        _resolve_ckpt(run_cfg, args.ckpt_path)
+        tok_path = args.tokenizer or run_cfg.data.tokenizer
+        model_cfg = run_cfg.model
+    else:
+        from lit_deepseek.checkpoint.hf import CheckpointError, read_hf_config, read_native_config
+
+        tok_path = args.tokenizer
+        if tok_path is None and (Path(args.model_dir) / "tokenizer.json").is_file():
+            tok_path = str(Path(args.model_dir) / "tokenizer.json")
+        try:
+            model_cfg = (read_native_config(args.model_dir) if (Path(args.model_dir) / "model.yaml").is_file()
+                         else _hf_model_config(read_hf_config, args.model_dir))
+        except (CheckpointError, FileNotFoundError) as exc:
+            raise ConfigError(f"generate: {exc}") from None
+    tok = load_tokenizer(tok_path)
+    tok.check_vocab(model_cfg.vocab_size)
+    encoded = tok.encode_batch(prompts)
+    longest = max(len(e) for e in encoded)
+    if min(len(e) for e in encoded) == 0:
+        raise ConfigError("generate: a prompt encodes to no tokens")
+    limit = model_cfg.mla.max_context_length
+    if longest + args.max_new_tokens > limit:
+        raise ConfigError(f"generate: --max_new_tokens: the longest prompt ({longest} tokens) + {args.max_new_tokens} "
+                          f"exceeds model.mla.max_context_length ({limit})")
+
+    model, _ = load_for_generation(args.config, args.ckpt_path, args.model_dir, overrides, device, dtype)
+    eos = None if args.ignore_eos else tok.eos_id
+    stream = len(prompts) == 1 and args.output is None
+    out_file = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = encoded[start:start + args.batch_size]
+            ids, lengths = pad_prompts(chunk, pad_id=tok.pad_id, device=device)
+            printer = _Streamer(tok, prompts[0]) if stream else None
+            seed = None if args.seed is None else args.seed + start
+            out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos_id=eos,
+                           prompt_lengths=lengths, pad_id=tok.pad_id, seed=seed,
+                           on_tokens=printer.push if printer else None)
+            if printer:
+                printer.finish()
+                continue
+            for i, prompt_ids in enumerate(chunk):
+                steps = out.shape[1] - ids.shape[1]
+                new = out[i, len(prompt_ids):len(prompt_ids) + steps].tolist()
+                if eos is not None and eos in new:  # the stop token and the padding after it
+                    new = new[:new.index(eos)]
+                record = {"prompt": prompts[start + i], "completion": tok.decode(new), "new_tokens": len(new)}
+                out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out_file.flush()
+    finally:
+        if args.output:
+            out_file.close()
+    return 0
+
+
+def _hf_model_config(read_hf_config: Callable[[Any], dict], path: str) -> Any:
+    from lit_deepseek.checkpoint.hf import model_config_from_hf
+
+    return model_config_from_hf(read_hf_config(path))
+
+
+class _Streamer:
+    """Print one sequence's text as its tokens arrive (holding back an incomplete UTF-8 character)."""
+
+    def __init__(self, tok: Any, prompt: str) -> None:
+        import sys
+
+        self.tok, self.ids, self.shown, self.out = tok, [], "", sys.stdout
+        self.stopped = False
+        self.out.write(prompt)
+        self.out.flush()
+
+    def push(self, token: Tensor) -> None:
+        t = int(token[0])
+        if self.stopped or t == self.tok.eos_id or t == self.tok.pad_id:
+            self.stopped = True
+            return
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+    def finish(self) -> None:
+        text = self.tok.decode(self.ids)
+        self.out.write(text[len(self.shown):] + "\n")
+        self.out.flush()
