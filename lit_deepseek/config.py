@@ -55,11 +55,11 @@ class MLAConfig:
     v_head_dim: int = 64
     """Per-head value dimension."""
     use_fp8_kv: bool = False
-    """Store the decoding KV (latent) cache in FP8 (needs FP8 hardware, compute capability >= 8.9)."""
+    """Store the decoding latent cache in FP8 e4m3 with per-token scales (half the memory; decoding only)."""
     max_context_length: int = 8192
     """Maximum sequence length the rotary tables are built for (YaRN stretches the original context to it)."""
     use_flash_mla: bool = False
-    """Use FlashMLA decode kernels when installed on Hopper; otherwise the PyTorch path is used with a warning."""
+    """Decode through FlashMLA when installed (Hopper, bf16 cache); otherwise our Triton kernel, with one warning."""
     rope_theta: float = 10000.0
     """Rotary base frequency."""
     rope_factor: float = 1.0

@@ -66,7 +66,6 @@ class DeepSeekLightningModule(L.LightningModule):
             return
         from lit_deepseek.model import DeepSeekV3
 
-        _warn_decode_only_flags(self.model_config)
         model = DeepSeekV3(self.model_config)
         if any(p.is_meta for p in model.parameters()):
             model.to_empty(device=self.device if self.device.type != "meta" else torch.device("cpu"))
@@ -277,17 +276,3 @@ class DeepSeekLightningModule(L.LightningModule):
 
 
 _LOCAL_PLAN = LocalPlan()
-
-
-def _warn_decode_only_flags(cfg: ModelConfig) -> None:
-    """FlashMLA and the FP8 latent cache serve decoding; say once what training does instead."""
-    from lightning.pytorch.utilities import rank_zero_warn
-
-    if cfg.mla.use_flash_mla:
-        import importlib.util
-
-        if importlib.util.find_spec("flash_mla") is None:
-            rank_zero_warn("model.mla.use_flash_mla: flash_mla is not installed; decoding uses the PyTorch "
-                           "latent-attention path (training always uses scaled_dot_product_attention)")
-    if cfg.mla.use_fp8_kv and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
-        rank_zero_warn("model.mla.use_fp8_kv: no FP8-capable GPU; the decoding latent cache stays in the model dtype")
