@@ -312,6 +312,10 @@ class LoggingConfig:
     """Peak dense bf16 TFLOP/s per device for MFU; null = 989 on H100/H200, Lightning's table otherwise."""
     progress_bar: bool = True
     """Show a progress bar."""
+    sample_prompts: Optional[list[str]] = None
+    """Prompts to continue (greedy) after each validation, logged to MLflow as text artifacts; null = off."""
+    sample_max_new_tokens: int = 48
+    """New tokens per sample prompt."""
 
 
 @dataclass
@@ -628,6 +632,11 @@ def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> No
     need(t.lr_warmup_steps >= 0, f"training.lr_warmup_steps: must be >= 0, got {t.lr_warmup_steps}")
     need(t.min_learning_rate <= t.learning_rate,
          f"training.min_learning_rate: {t.min_learning_rate} must not exceed training.learning_rate ({t.learning_rate})")
+    need(cfg.logging.sample_max_new_tokens >= 1,
+         f"logging.sample_max_new_tokens: must be >= 1, got {cfg.logging.sample_max_new_tokens}")
+    if cfg.logging.sample_prompts:
+        need(all(isinstance(p, str) and p for p in cfg.logging.sample_prompts),
+             "logging.sample_prompts: every prompt must be a non-empty string")
     need(t.grad_clip >= 0, f"training.grad_clip: must be >= 0 (0 disables), got {t.grad_clip}")
 
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size", "virtual_pipeline_stages"):

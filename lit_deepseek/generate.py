@@ -409,3 +409,27 @@ class _Streamer:
         text = self.tok.decode(self.ids)
         self.out.write(text[len(self.shown):] + "\n")
         self.out.flush()
+
+
+# ------------------------------------------------------------------------------------ cache quality
+@torch.no_grad()
+def cached_perplexity(model: nn.Module, ids: Tensor, chunk: int = 64, use_fp8_kv: bool = False,
+                      prefill: int = 1, block_size: int = 64) -> float:
+    """Perplexity of ids [B, T] read through the decode path: the first `prefill` tokens by the
+    training form, the rest in chunks of `chunk` tokens attending over the paged cache (so every
+    later token sees the cache, quantized when use_fp8_kv). Measures what the cache format costs."""
+    b, t = ids.shape
+    cache = PagedLatentCache(model.cfg.mla, len(model.layers), [t] * b, block_size=block_size,
+                             dtype=next(model.parameters()).dtype, device=ids.device, fp8=use_fp8_kv)
+    nll, count = torch.zeros((), dtype=torch.float64, device=ids.device), 0
+    start = 0
+    while start < t - 1:
+        end = min(t - 1, start + (prefill if start == 0 else chunk))
+        h, _ = model(ids[:, start:end], caches=cache, return_hidden=True)
+        cache.advance(end - start)
+        logits = model.head(h).float()
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, start + 1:end + 1].flatten(),
+                                                 reduction="sum").double()
+        count += logits.shape[0] * logits.shape[1]
+        start = end
+    return float(torch.exp(nll / count))

@@ -243,3 +243,16 @@ def test_generate_on_gpu_with_the_kernel_matches_the_reference_path() -> None:
     out = generate(model, ids, 12, prompt_lengths=lengths)
     cpu = generate(model.cpu(), ids.cpu(), 12, prompt_lengths=lengths.cpu())
     assert torch.equal(out.cpu(), cpu)
+
+
+def test_cached_perplexity_is_exact_in_full_precision_and_close_in_fp8() -> None:
+    from lit_deepseek.generate import cached_perplexity
+
+    model = _model()
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        logits = model(ids)[:, :-1]
+        full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).exp().item()
+    assert cached_perplexity(model, ids, chunk=7, block_size=8) == pytest.approx(full, rel=1e-5)
+    fp8 = cached_perplexity(model, ids, chunk=7, block_size=8, use_fp8_kv=True)
+    assert fp8 != full and fp8 == pytest.approx(full, rel=0.02)

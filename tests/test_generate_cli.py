@@ -14,9 +14,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "cpu_demo.yaml")
 FAST = ["--training.seq_length", "64", "--training.micro_batch_size", "2", "--training.global_batch_size", "4",
-        "--training.val_every_n_steps", "1000", "--logging.progress_bar", "false", "--logging.heatmap_every_n_steps",
+        "--training.val_every_n_steps", "2", "--training.val_batches", "1", "--logging.progress_bar", "false", "--logging.heatmap_every_n_steps",
         "0", "--logging.async_logging", "false", "--training.max_steps", "2", "--checkpoint.every_n_steps", "2",
         "--training.learning_rate", "0.03", "--training.lr_warmup_steps", "0"]
+
+SAMPLE_PROMPTS = ["def main():", "The quick brown"]
 
 
 def lit(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -29,7 +31,8 @@ def lit(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProc
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("fit")
-    proc = lit("fit", "--config", DEMO, *FAST, "--logging.run_dir", str(run / "run"), cwd=run)
+    proc = lit("fit", "--config", DEMO, *FAST, "--logging.run_dir", str(run / "run"), "--logging.sample_prompts",
+               json.dumps(SAMPLE_PROMPTS), "--logging.sample_max_new_tokens", "16", cwd=run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "run" / "checkpoints" / "last.ckpt").is_file()
     return run
@@ -92,3 +95,24 @@ def test_bad_input_is_one_line_before_loading(tmp_path: Path, args: list[str], n
     lines = [line for line in proc.stderr.splitlines() if line.startswith("lit-deepseek: error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert needle in lines[0], lines[0]
+
+
+def test_validation_samples_are_logged_to_mlflow(trained: Path, tmp_path: Path) -> None:
+    import mlflow
+
+    from lit_deepseek.data.tokenizer import ByteTokenizer
+    from lit_deepseek.generate import generate, load_for_generation
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{trained / 'run' / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("cpu-demo").experiment_id])[0]
+    files = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert files == ["samples/step0000002.txt"], files
+    text = Path(client.download_artifacts(run.info.run_id, files[0], str(tmp_path))).read_text(encoding="utf-8")
+    # validation ran after the last step, so the logged samples are the final weights' greedy continuations
+    model, _ = load_for_generation([DEMO], str(trained / "run" / "checkpoints" / "last.ckpt"))
+    tok = ByteTokenizer()
+    for prompt in SAMPLE_PROMPTS:
+        ids = torch.tensor([tok.encode(prompt)])
+        new = generate(model, ids, 16, eos_id=tok.eos_id)[0, ids.shape[1]:].tolist()
+        new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+        assert f"{prompt}\n## continuation\n{tok.decode(new)}\n" in text + "\n"
