@@ -17,6 +17,7 @@ length it is exactly ``[prompt | new]``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,8 @@ def generate_main(argv: list[str]) -> int:
     gen.add_argument("--ignore_eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
     gen.add_argument("--batch_size", type=int, default=32, help="prompts decoded together")
     gen.add_argument("--output", "-o", help="write JSONL here instead of stdout")
+    gen.add_argument("--timing", action="store_true",
+                     help="after a short warm-up, print {new_tokens, seconds, tokens_per_s} of the generation to stderr")
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, Any] = {}
     it = iter(rest)
@@ -349,6 +352,11 @@ def generate_main(argv: list[str]) -> int:
     eos = None if args.ignore_eos else tok.eos_id
     stream = len(prompts) == 1 and args.output is None
     out_file = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    if args.timing:  # compile kernels and fill allocator caches outside the timed region
+        ids, lengths = pad_prompts(encoded[:args.batch_size], pad_id=tok.pad_id, device=device)
+        generate(model, ids, min(2, args.max_new_tokens), prompt_lengths=lengths, pad_id=tok.pad_id)
+    _sync(device)
+    started, produced = time.perf_counter(), 0
     try:
         for start in range(0, len(prompts), args.batch_size):
             chunk = encoded[start:start + args.batch_size]
@@ -358,11 +366,13 @@ def generate_main(argv: list[str]) -> int:
             out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos_id=eos,
                            prompt_lengths=lengths, pad_id=tok.pad_id, seed=seed,
                            on_tokens=printer.push if printer else None)
+            steps = out.shape[1] - ids.shape[1]
+            produced += sum(min(steps, _stop_index(out[i, len(c):len(c) + steps].tolist(), eos))
+                            for i, c in enumerate(chunk))
             if printer:
                 printer.finish()
                 continue
             for i, prompt_ids in enumerate(chunk):
-                steps = out.shape[1] - ids.shape[1]
                 new = out[i, len(prompt_ids):len(prompt_ids) + steps].tolist()
                 if eos is not None and eos in new:  # the stop token and the padding after it
                     new = new[:new.index(eos)]
@@ -372,7 +382,22 @@ def generate_main(argv: list[str]) -> int:
     finally:
         if args.output:
             out_file.close()
+    _sync(device)
+    if args.timing:
+        seconds = time.perf_counter() - started
+        print(json.dumps({"new_tokens": produced, "seconds": round(seconds, 4),
+                          "tokens_per_s": round(produced / seconds, 2)}), file=sys.stderr)
     return 0
+
+
+def _stop_index(new: list[int], eos: int | None) -> int:
+    """Tokens generated before the sequence stopped (the EOS counts)."""
+    return new.index(eos) + 1 if eos is not None and eos in new else len(new)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _hf_model_config(read_hf_config: Callable[[Any], dict], path: str) -> Any:

@@ -4,7 +4,7 @@ The absorbed MLA decode step is multi-query attention with one shared 576-wide k
 rotary 64 at V3 scale) whose first 512 columns are also the value. It reads the whole cache once
 per step, so its speed is HBM bandwidth. The Triton kernel (flash-decoding):
 
-* stage 1, grid (query rows, KV splits, head blocks): each program walks its slice of one
+* stage 1, grid (head blocks, KV splits, query rows): each program walks its slice of one
   sequence's pages in tiles of BLOCK_N tokens, loads each tile once for BLOCK_H heads, and keeps
   an online softmax; it writes a partial output and its log-sum-exp;
 * stage 2 merges the splits (log-sum-exp weighting).
@@ -124,9 +124,9 @@ if _HAS_TRITON:
                H, C, R, block_size, split_len, sm_scale,
                HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-        n = tl.program_id(0)
+        hb = tl.program_id(0)  # fastest-varying: the head blocks of one KV slice run together (L2 reuse)
         split = tl.program_id(1)
-        hb = tl.program_id(2)
+        n = tl.program_id(2)
         seq = tl.load(ROW_SEQ + n)
         length = tl.load(ROW_LEN + n)
         start = split * split_len
@@ -190,14 +190,22 @@ def _num_splits(rows: int, head_blocks: int, max_len: int, block_n: int) -> int:
     return max(1, min(splits, math.ceil(max_len / (2 * block_n))))
 
 
+#: launch settings of the kernel (benchmarks/bench_generate.py --phases attention sweeps alternatives)
+KERNEL_CONFIG = {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 2}
+
+
 def decode_attention_kernel(q: Tensor, kv: Tensor, scale: Tensor | None, block_table: Tensor, row_seq: Tensor,
                             row_len: Tensor, d_latent: int, softmax_scale: float, max_len: int,
-                            block_h: int = 32, block_n: int = 32, num_splits: int | None = None,
-                            num_warps: int = 4, num_stages: int = 2) -> Tensor:
+                            block_h: int | None = None, block_n: int | None = None, num_splits: int | None = None,
+                            num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
     """The Triton kernel on raw pages: q [N, H, C + R] (one row per query), kv [blocks, block_size,
     C + R] (model dtype or float8 e4m3, then scale [blocks, block_size, 2] float32), block_table
     [B, max blocks] int32, row_seq / row_len [N] int32 (each row's sequence and causal length),
     max_len >= max(row_len) -> [N, H, C] float32."""
+    block_h = block_h or KERNEL_CONFIG["block_h"]
+    block_n = block_n or KERNEL_CONFIG["block_n"]
+    num_warps = num_warps or KERNEL_CONFIG["num_warps"]
+    num_stages = num_stages or KERNEL_CONFIG["num_stages"]
     n_rows, h, width = q.shape
     r = width - d_latent
     block_size = kv.shape[1]
@@ -208,7 +216,7 @@ def decode_attention_kernel(q: Tensor, kv: Tensor, scale: Tensor | None, block_t
     splits = max(1, math.ceil(max(1, max_len) / split_len))
     partial = torch.empty(n_rows, splits, h, d_latent, device=q.device, dtype=torch.float32)
     lse = torch.empty(n_rows, splits, h, device=q.device, dtype=torch.float32)
-    _stage1[(n_rows, splits, head_blocks)](
+    _stage1[(head_blocks, splits, n_rows)](
         q, kv, scale if scale is not None else q, block_table, row_seq, row_len, partial, lse,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), block_table.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2),
