@@ -83,9 +83,13 @@ def decode_attention(cache: Any, q_latent: Tensor, q_rope: Tensor, softmax_scale
 def _query_rows(cache: Any, s: int) -> tuple[Tensor, Tensor]:
     """Per query row (b, j): its sequence b and causal length lengths[b] + j + 1 (flattened [B * s])."""
     pool = cache.pool
-    lengths = pool.lengths[:, None] + torch.arange(1, s + 1, device=pool.lengths.device)[None]
-    seq = torch.arange(pool.batch, device=lengths.device)[:, None].expand(-1, s)
-    return seq.reshape(-1).int().contiguous(), lengths.reshape(-1).int().contiguous()
+
+    def compute() -> tuple[Tensor, Tensor]:
+        lengths = pool.lengths[:, None] + torch.arange(1, s + 1, device=pool.lengths.device)[None]
+        seq = torch.arange(pool.batch, device=lengths.device)[:, None].expand(-1, s)
+        return seq.reshape(-1).int().contiguous(), lengths.reshape(-1).int().contiguous()
+
+    return pool.memo(("rows", s), compute)
 
 
 # ------------------------------------------------------------------------------------ FlashMLA

@@ -79,6 +79,8 @@ class PagedLatentCache:
         self.new_counts: Tensor | None = None
         self._max_length = 0
         self.num_layers = num_layers
+        #: per-step values shared by all layers (slots, query rows), dropped by `advance`
+        self.step_memo: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ bookkeeping
     def __len__(self) -> int:
@@ -106,6 +108,13 @@ class PagedLatentCache:
         if self._max_length > self.capacity:
             raise ValueError(f"PagedLatentCache: {self._max_length} tokens exceed the capacity {self.capacity}")
         self.new_counts = None
+        self.step_memo.clear()
+
+    def memo(self, key: Any, compute: Any) -> Any:
+        """compute() once per step for all layers."""
+        if key not in self.step_memo:
+            self.step_memo[key] = compute()
+        return self.step_memo[key]
 
     def memory_bytes(self) -> int:
         total = self.kv.numel() * self.kv.element_size()
@@ -123,23 +132,28 @@ class PagedLayerCache:
         """Nothing is cached yet: the chunk attends only to itself (causally)."""
         return self.pool.max_length() == 0
 
-    def _slots(self, s: int) -> Tensor:
+    def _slots(self, s: int) -> tuple[Tensor, Tensor | None]:
+        """Flat cache slots of the chunk's tokens to keep, and which tokens those are (None = all)."""
         p = self.pool
-        pos = p.positions(s)
-        block = p.block_table.gather(1, (pos // p.block_size).clamp(max=p.block_table.shape[1] - 1).int())
-        return block.long() * p.block_size + pos % p.block_size
+
+        def compute() -> tuple[Tensor, Tensor | None]:
+            pos = p.positions(s)
+            block = p.block_table.gather(1, (pos // p.block_size).clamp(max=p.block_table.shape[1] - 1).long())
+            slots = block.long() * p.block_size + pos % p.block_size
+            if p.new_counts is None:
+                return slots.reshape(-1), None
+            valid = torch.arange(s, device=slots.device)[None] < p.new_counts[:, None]
+            return slots[valid], valid
+
+        return p.memo(("slots", s), compute)
 
     def write(self, kv_latent: Tensor, k_rope: Tensor) -> None:
         """Store the latents [B, s, C] and rotary keys [B, s, R] of the chunk after each sequence's length
         (only the first `new_counts[b]` tokens of row b when the chunk is right-padded)."""
         p = self.pool
         entry = torch.cat((kv_latent, k_rope), dim=-1)
-        slots = self._slots(entry.shape[1])
-        if p.new_counts is not None:
-            valid = torch.arange(entry.shape[1], device=slots.device)[None] < p.new_counts[:, None]
-            slots, entry = slots[valid], entry[valid]
-        else:
-            slots, entry = slots.reshape(-1), entry.reshape(-1, p.width)
+        slots, valid = self._slots(entry.shape[1])
+        entry = entry.reshape(-1, p.width) if valid is None else entry[valid]
         if p.fp8:
             q, scale = quantize_entries(entry, p.d_latent)
             p.kv[self.layer].view(-1, p.width)[slots] = q
