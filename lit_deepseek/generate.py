@@ -65,14 +65,15 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, temperatu
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              prompt_lengths: Tensor | list[int] | None = None, pad_id: int | None = None, seed: int | None = None,
              use_fp8_kv: bool | None = None, use_flash_mla: bool | None = None, block_size: int = 64,
-             on_tokens: Callable[[Tensor], None] | None = None) -> Tensor:
+             on_tokens: Callable[[Tensor], None] | None = None, cuda_graph: bool | None = None) -> Tensor:
     """Continue each prompt of input_ids [B, S] by up to max_new_tokens tokens -> LongTensor [B, S + n].
 
     temperature 0 is greedy; top_k / top_p restrict sampling; `seed` seeds a private generator
     (same seed, same tokens). A sequence stops at `eos_id` (which is kept) and is padded with
     `pad_id` (default: eos_id, else 0); generation ends when every sequence has stopped.
     use_fp8_kv / use_flash_mla default to the model's `model.mla` settings. `on_tokens` receives
-    each step's tokens [B] (streaming).
+    each step's tokens [B] (streaming). cuda_graph (default: on for bf16/fp16 models on CUDA)
+    replays the one-token decode step as a CUDA graph.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     cfg = model.cfg
@@ -110,6 +111,7 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, temperatu
     new = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     steps = 0
+    decode: Callable[[Tensor], Tensor] | None = None
     for step in range(max_new_tokens):
         sampled = sample_next(logits, temperature, top_k, top_p, generator)
         token = torch.where(done, torch.full_like(sampled, pad_id), sampled)
@@ -123,9 +125,54 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, temperatu
                 break
         if step + 1 == max_new_tokens:
             break
-        logits = _last_logits(model, sampled[:, None], cache, None)  # stopped rows run on, unseen
+        if decode is None:
+            decode = _decoder(model, cache, b, device, dtype, cuda_graph)
+        logits = decode(sampled[:, None])  # stopped rows run on, unseen
         cache.advance(1)
     return _assemble(input_ids, lengths_dev, new[:, :steps], pad_id)
+
+
+def _decoder(model: nn.Module, cache: PagedLatentCache, batch: int, device: torch.device, dtype: torch.dtype,
+             cuda_graph: bool | None) -> Callable[[Tensor], Tensor]:
+    """The one-token decode step: eager, or captured once as a CUDA graph and replayed."""
+
+    def eager(token: Tensor) -> Tensor:
+        return _last_logits(model, token, cache, None)
+
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    if not cuda_graph or device.type != "cuda":
+        return eager
+    from lit_deepseek.kernels.decode_attention import warn_once
+
+    cache.static_max_length = cache.capacity  # kernels see one fixed bound: same launch every step
+    static_token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    try:
+        # warm-up (compiles kernels) writes the next slot, which the real step overwrites: harmless
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                cache.step_memo.clear()
+                eager(static_token)
+        torch.cuda.current_stream(device).wait_stream(side)
+        cache.step_memo.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = eager(static_token)
+    except Exception as exc:  # an op that cannot be captured (e.g. a host sync): decode eagerly
+        warn_once("cuda_graph", f"generate: CUDA graph capture failed ({str(exc).splitlines()[0][:200]}); "
+                                "decoding without graphs")
+        cache.static_max_length = None
+        cache.step_memo.clear()
+        return eager
+
+    def replay(token: Tensor) -> Tensor:
+        static_token.copy_(token)
+        graph.replay()
+        return static_logits.clone()
+
+    return replay
 
 
 def _last_logits(model: nn.Module, ids: Tensor, cache: PagedLatentCache, index: Tensor | None) -> Tensor:

@@ -6,6 +6,7 @@ import ast
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,18 @@ def test_cached_perplexity_is_exact_in_full_precision_and_close_in_fp8() -> None
     assert cached_perplexity(model, ids, chunk=7, block_size=8) == pytest.approx(full, rel=1e-5)
     fp8 = cached_perplexity(model, ids, chunk=7, block_size=8, use_fp8_kv=True)
     assert fp8 != full and fp8 == pytest.approx(full, rel=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_cuda_graph_decode_equals_eager_decode_in_bf16(fp8: bool) -> None:
+    model = _model(**{"mla.d_model": 64, "moe.expert_intermediate_size": 32, "dense_intermediate_size": 64})
+    model = model.to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(12)).cuda()
+    lengths = torch.tensor([10, 4, 7]).cuda()
+    eager = generate(model, ids, 16, prompt_lengths=lengths, cuda_graph=False, use_fp8_kv=fp8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture failure would warn and fall back
+        graphed = generate(model, ids, 16, prompt_lengths=lengths, cuda_graph=True, use_fp8_kv=fp8)
+    assert torch.equal(eager, graphed)
