@@ -145,7 +145,6 @@ def _decoder(model: nn.Module, cache: PagedLatentCache, batch: int, device: torc
         return eager
     from lit_deepseek.kernels.decode_attention import warn_once
 
-    cache.static_max_length = cache.capacity  # kernels see one fixed bound: same launch every step
     static_token = torch.zeros(batch, 1, dtype=torch.long, device=device)
     try:
         # warm-up (compiles kernels) writes the next slot, which the real step overwrites: harmless
@@ -163,7 +162,6 @@ def _decoder(model: nn.Module, cache: PagedLatentCache, batch: int, device: torc
     except Exception as exc:  # an op that cannot be captured (e.g. a host sync): decode eagerly
         warn_once("cuda_graph", f"generate: CUDA graph capture failed ({str(exc).splitlines()[0][:200]}); "
                                 "decoding without graphs")
-        cache.static_max_length = None
         cache.step_memo.clear()
         return eager
 

@@ -240,5 +240,5 @@ def triton_decode_attention(cache: Any, q_latent: Tensor, q_rope: Tensor, softma
     row_seq, row_len = _query_rows(cache, s)
     out = decode_attention_kernel(q, pool.kv[cache.layer], pool.scale[cache.layer] if pool.fp8 else None,
                                   pool.block_table, row_seq, row_len, pool.d_latent, softmax_scale,
-                                  max_len=pool.static_max_length or pool.max_length() + s)
+                                  max_len=pool.capacity)  # one split plan for the whole generation
     return out.view(b, s, h, c).to(q_latent.dtype)

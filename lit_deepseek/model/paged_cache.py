@@ -79,8 +79,6 @@ class PagedLatentCache:
         self.new_counts: Tensor | None = None
         self._max_length = 0
         self.num_layers = num_layers
-        #: a fixed bound on the lengths for kernels captured in a CUDA graph (None = the current maximum)
-        self.static_max_length: int | None = None
         #: per-step values shared by all layers (slots, query rows), dropped by `advance`
         self.step_memo: dict[Any, Any] = {}
 
