@@ -130,7 +130,7 @@ class LitDeepSeekCLI(LightningCLI):
             "num_sanity_val_steps": 0,
         }
         trainer_defaults = _trainer_defaults()
-        config = dict(trainer_cfg)
+        config = {k: _instantiate(v) for k, v in trainer_cfg.items()}
         for key in _DERIVED_TRAINER_KEYS:
             if config.get(key, trainer_defaults.get(key)) == trainer_defaults.get(key):
                 config[key] = derived[key]
@@ -215,6 +215,17 @@ def _trainer_defaults() -> dict[str, Any]:
 
     return {k: v.default for k, v in inspect.signature(Trainer.__init__).parameters.items()
             if v.default is not inspect.Parameter.empty}
+
+
+def _instantiate(value: Any) -> Any:
+    """Trainer arguments given as {class_path, init_args} (a profiler, plugins) become objects."""
+    if isinstance(value, dict) and "class_path" in value:
+        from lightning.pytorch.cli import instantiate_class
+
+        return instantiate_class((), value)
+    if isinstance(value, list):
+        return [_instantiate(v) for v in value]
+    return value
 
 
 def _to_plain(value: Any) -> Any:
