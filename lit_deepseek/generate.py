@@ -503,3 +503,66 @@ def cached_perplexity(model: nn.Module, ids: Tensor, chunk: int = 64, use_fp8_kv
         count += logits.shape[0] * logits.shape[1]
         start = end
     return float(torch.exp(nll / count))
+
+
+# ------------------------------------------------------------------------------------ speculative decoding
+@torch.no_grad()
+def generate_speculative(model: nn.Module, input_ids: Tensor, max_new_tokens: int, eos_id: int | None = None,
+                         block_size: int = 64) -> tuple[Tensor, dict[str, float]]:
+    """Greedy self-speculative decoding with the first MTP module as the drafter (one sequence).
+
+    Each step feeds the last token and the MTP's draft of the token after it to the main model
+    (two positions, one forward): if the main model's greedy token equals the draft, both are
+    kept and the second position gives one more token. The result equals greedy `generate`
+    (the main model decides every token). Returns (ids [1, S + n], {"acceptance": accepted
+    drafts / drafts, "tokens_per_forward": new tokens / main-model forwards}).
+    """
+    check_sampling(max_new_tokens, 0.0, None, None)
+    if not len(model.mtp):
+        raise ValueError("generate_speculative: the model has no MTP module (model.mtp_depth = 0)")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"generate_speculative: one sequence at a time, got a batch of {input_ids.shape[0]}")
+    cfg, mtp = model.cfg, model.mtp[0]
+    n = input_ids.shape[1]
+    if n + max_new_tokens + 1 > cfg.mla.max_context_length:
+        raise ValueError(f"max_new_tokens: prompt ({n}) + {max_new_tokens} new tokens exceed "
+                         f"model.mla.max_context_length ({cfg.mla.max_context_length})")
+    dtype, device = next(model.parameters()).dtype, input_ids.device
+    capacity = [n + max_new_tokens + 1]
+    main = PagedLatentCache(cfg.mla, len(model.layers), capacity, block_size=block_size, dtype=dtype, device=device,
+                            fp8=cfg.mla.use_fp8_kv)
+    draft_cache = PagedLatentCache(cfg.mla, 1, capacity, block_size=block_size, dtype=dtype, device=device,
+                                   fp8=cfg.mla.use_fp8_kv)
+
+    def draft(h: Tensor, next_ids: Tensor) -> Tensor:
+        """Run the MTP module over positions of `h` (cached) -> its greedy guess after the last one."""
+        cos, sin = model.rope(draft_cache.positions(h.shape[1]))
+        x = mtp(h, model.embed(next_ids), cos, sin, None, cache=draft_cache[0])
+        draft_cache.advance(h.shape[1])
+        return model.head(x[:, -1]).argmax(dim=-1)
+
+    h, _ = model(input_ids, caches=main, return_hidden=True)
+    main.advance(n)
+    tokens = [int(model.head(h[:, -1]).argmax(dim=-1))]
+    guess = draft(h, torch.cat((input_ids[:, 1:], torch.tensor([tokens[-1:]], device=device)), dim=1))
+    forwards, drafts, accepted = 1, 0, 0
+    while len(tokens) < max_new_tokens and not (eos_id is not None and tokens[-1] == eos_id):
+        pair = torch.cat((torch.tensor([tokens[-1:]], device=device), guess[:, None]), dim=1)
+        h, _ = model(pair, caches=main, return_hidden=True)
+        greedy = model.head(h[0]).argmax(dim=-1).tolist()  # after the last token, after the draft
+        forwards += 1
+        drafts += 1
+        if greedy[0] == int(guess):
+            accepted += 1
+            main.advance(2)
+            tokens += greedy
+            guess = draft(h, torch.tensor([greedy], device=device))
+        else:
+            main.advance(1)  # the draft's cache slot is overwritten by the next step
+            tokens.append(greedy[0])
+            guess = draft(h[:, :1], torch.tensor([greedy[:1]], device=device))
+    tokens = tokens[:max_new_tokens]
+    if eos_id is not None and eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id) + 1]
+    out = torch.cat((input_ids, torch.tensor([tokens], device=device)), dim=1)
+    return out, {"acceptance": accepted / max(1, drafts), "tokens_per_forward": len(tokens) / forwards}

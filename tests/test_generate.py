@@ -272,3 +272,22 @@ def test_cuda_graph_decode_equals_eager_decode_in_bf16(fp8: bool) -> None:
         warnings.simplefilter("error")  # a capture failure would warn and fall back
         graphed = generate(model, ids, 16, prompt_lengths=lengths, cuda_graph=True, use_fp8_kv=fp8)
     assert torch.equal(eager, graphed)
+
+
+def test_self_speculative_decoding_with_mtp_equals_greedy() -> None:
+    from lit_deepseek.generate import generate_speculative
+
+    model = _model()
+    with torch.no_grad():  # the main model picks token 0 or 1 by context; the drafter always says 0
+        model.head.weight[0] *= 30
+        model.head.weight[1] = -model.head.weight[0]
+        model.mtp[0].norm.weight.zero_()
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(13))
+    plain = generate(model, ids, 15)
+    assert {0, 1} <= set(plain[0, 6:].tolist())
+    spec, stats = generate_speculative(model, ids, 15)
+    assert torch.equal(spec, plain)  # accepted and rejected drafts both happened, the text is greedy's
+    assert 0.0 < stats["acceptance"] < 1.0 and 1.0 < stats["tokens_per_forward"] < 2.0
+    eos = int(plain[0, 6 + 4])
+    stopped, _ = generate_speculative(model, ids, 15, eos_id=eos)
+    assert stopped[0, -1].item() == eos and torch.equal(stopped[0], plain[0, : stopped.shape[1]])
