@@ -14,9 +14,11 @@ Phases (``--phases attention,generate,fp8``), each bounded by its own sizes:
   at batch 1 and batch 64; new tokens per second after a warm-up.
 * fp8: `lit-deepseek fit --config configs/cpu_demo.yaml` for a few hundred steps, then the
   perplexity of held-out text read through the decode path with the bf16 cache and the FP8 cache.
+* speculative: the same trained demo model, greedy decoding at batch 1, plain against
+  self-speculative decoding with its MTP module drafting one token; acceptance rate and tokens/s.
 
     python benchmarks/bench_generate.py --out $OUT                       # all phases, < 8 min on an H200
-    python benchmarks/bench_generate.py --phases fp8 --device cpu --fit_steps 150   # CPU: the FP8 effect
+    python benchmarks/bench_generate.py --phases fp8,speculative --device cpu --fit_steps 150   # CPU
 
 Writes a markdown table to stdout and to ``--out/bench_generate.md``.
 """
@@ -221,17 +223,25 @@ def generate_phase(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------ FP8 perplexity
+def demo_checkpoint(args: argparse.Namespace, work: Path) -> tuple[str, str]:
+    """(config, checkpoint) of configs/cpu_demo.yaml trained by `lit-deepseek fit` (once per invocation)."""
+    demo = str(ROOT / "configs" / "cpu_demo.yaml")
+    run_dir = work / "demo_run"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        accel = "gpu" if args.device == "cuda" else "cpu"
+        lit("fit", "--config", demo, "--training.max_steps", str(args.fit_steps), "--training.val_every_n_steps",
+            "100000", "--checkpoint.every_n_steps", str(args.fit_steps), "--logging.run_dir", str(run_dir),
+            "--logging.progress_bar", "false", "--logging.heatmap_every_n_steps", "0", "--trainer.accelerator",
+            accel, "--trainer.devices", "1", *args.fit_args.split(), cwd=work, timeout=args.fit_timeout_s)
+    return demo, str(ckpt)
+
+
 def fp8_phase(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from lit_deepseek.data.datamodule import DeepSeekDataModule
     from lit_deepseek.generate import cached_perplexity, load_for_generation
 
-    demo = str(ROOT / "configs" / "cpu_demo.yaml")
-    accel = "gpu" if args.device == "cuda" else "cpu"
-    run_dir = work / "demo_run"
-    lit("fit", "--config", demo, "--training.max_steps", str(args.fit_steps), "--training.val_every_n_steps",
-        "100000", "--checkpoint.every_n_steps", str(args.fit_steps), "--logging.run_dir", str(run_dir),
-        "--logging.progress_bar", "false", "--logging.heatmap_every_n_steps", "0", "--trainer.accelerator", accel,
-        "--trainer.devices", "1", *args.fit_args.split(), cwd=work, timeout=args.fit_timeout_s)
+    demo, ckpt = demo_checkpoint(args, work)
     cfg = load_config(demo)
     cfg.data.cache_dir = str(work / ".lit_deepseek_data")  # the corpus the fit run wrote
     data = DeepSeekDataModule(cfg.data, seq_length=args.ppl_seq, micro_batch_size=args.ppl_batch,
@@ -242,12 +252,53 @@ def fp8_phase(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     ids = torch.cat([b.reshape(-1, args.ppl_seq) for b in batches]).to(args.device)
     rows = []
     for dtype in ([torch.bfloat16, torch.float32] if args.device == "cuda" else [torch.float32]):
-        model, _ = load_for_generation([demo], str(run_dir / "checkpoints" / "last.ckpt"), device=args.device,
-                                       dtype=dtype)
+        model, _ = load_for_generation([demo], ckpt, device=args.device, dtype=dtype)
         full = cached_perplexity(model, ids, chunk=args.ppl_chunk)
         fp8 = cached_perplexity(model, ids, chunk=args.ppl_chunk, use_fp8_kv=True)
         row = {"model_dtype": str(dtype).removeprefix("torch."), "tokens": ids.numel(), "ppl_cache": full,
                "ppl_fp8_cache": fp8, "diff_pct": 100 * (fp8 / full - 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ speculative decoding
+def speculative_phase(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Greedy decoding of the trained demo model (batch 1) plain vs self-speculative with its MTP module."""
+    from lit_deepseek.data.tokenizer import ByteTokenizer
+    from lit_deepseek.generate import generate, generate_speculative, load_for_generation
+
+    demo, ckpt = demo_checkpoint(args, work)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model, _ = load_for_generation([demo], ckpt, device=args.device, dtype=dtype)
+    tok = ByteTokenizer()
+    prompts = ["def __init__(self", "The module provides", "import os\nimport sys\n", "Return the number of"]
+    n = args.spec_tokens
+
+    def timed(fn: Any) -> tuple[float, Any]:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    rows = []
+    for graph in ([True, False] if args.device == "cuda" else [False]):
+        plain_s, spec_s, acceptance, same = 0.0, 0.0, [], 0
+        for prompt in prompts:
+            ids = torch.tensor([tok.encode(prompt)], device=args.device)
+            generate(model, ids, 4, cuda_graph=graph)  # warm-up
+            generate_speculative(model, ids, 4)
+            t_plain, plain = timed(lambda ids=ids, graph=graph: generate(model, ids, n, cuda_graph=graph))
+            t_spec, (spec, stats) = timed(lambda ids=ids: generate_speculative(model, ids, n))
+            plain_s, spec_s = plain_s + t_plain, spec_s + t_spec
+            acceptance.append(stats["acceptance"])
+            same += int(torch.equal(plain, spec))
+        row = {"plain": "CUDA graph" if graph else "eager", "new_tokens": n * len(prompts),
+               "plain_tok_s": n * len(prompts) / plain_s, "spec_tok_s": n * len(prompts) / spec_s,
+               "acceptance": sum(acceptance) / len(acceptance), "same_tokens": same / len(prompts)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -279,12 +330,19 @@ def markdown(results: dict[str, list[dict[str, Any]]], env: str) -> str:
             out.append(f"| {r['model_dtype']} | {r['tokens']} | {r['ppl_cache']:.4f} | {r['ppl_fp8_cache']:.4f} | "
                        f"{r['diff_pct']:+.3f}% |")
         out.append("")
+    if results.get("speculative"):
+        out += ["| plain decoding | new tokens | plain tok/s | MTP self-speculative tok/s | draft acceptance | "
+                "identical output |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in results["speculative"]:
+            out.append(f"| {r['plain']} | {r['new_tokens']} | {r['plain_tok_s']:.0f} | {r['spec_tok_s']:.0f} | "
+                       f"{100 * r['acceptance']:.0f}% | {100 * r['same_tokens']:.0f}% |")
+        out.append("")
     return "\n".join(out)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phases", default="attention,generate,fp8")
+    p.add_argument("--phases", default="attention,generate,fp8,speculative")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batches", type=int, nargs="+", default=[64, 128])
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
@@ -301,11 +359,12 @@ def main() -> int:
     p.add_argument("--ppl_batch", type=int, default=8)
     p.add_argument("--ppl_batches", type=int, default=4)
     p.add_argument("--ppl_chunk", type=int, default=64)
+    p.add_argument("--spec_tokens", type=int, default=128, help="new tokens per prompt (speculative phase)")
     p.add_argument("--out", default=None, help="folder for bench_generate.md (default: print only)")
     args = p.parse_args()
     phases = [x.strip() for x in args.phases.split(",") if x.strip()]
     if args.device != "cuda" and set(phases) & {"attention", "generate"}:
-        p.error("the attention and generate phases need a CUDA GPU; use --phases fp8 on CPU")
+        p.error("the attention and generate phases need a CUDA GPU; use --phases fp8,speculative on CPU")
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
         work = Path(tmp)
@@ -317,6 +376,8 @@ def main() -> int:
                 results[phase] = generate_phase(args, work)
             elif phase == "fp8":
                 results[phase] = fp8_phase(args, work)
+            elif phase == "speculative":
+                results[phase] = speculative_phase(args, work)
             else:
                 p.error(f"unknown phase {phase}")
             print(f"phase {phase}: {time.perf_counter() - start:.0f} s", flush=True)
