@@ -352,7 +352,7 @@ def main() -> int:
     p.add_argument("--gen_batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--prompt_chars", type=int, default=64)
-    p.add_argument("--fit_steps", type=int, default=300)
+    p.add_argument("--fit_steps", type=int, default=200)
     p.add_argument("--fit_timeout_s", type=float, default=240)
     p.add_argument("--fit_args", default="", help="extra `lit-deepseek fit` flags, e.g. '--training.seq_length 64'")
     p.add_argument("--ppl_seq", type=int, default=512)

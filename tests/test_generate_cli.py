@@ -16,7 +16,7 @@ DEMO = str(ROOT / "configs" / "cpu_demo.yaml")
 FAST = ["--training.seq_length", "64", "--training.micro_batch_size", "2", "--training.global_batch_size", "4",
         "--training.val_every_n_steps", "2", "--training.val_batches", "1", "--logging.progress_bar", "false", "--logging.heatmap_every_n_steps",
         "0", "--logging.async_logging", "false", "--training.max_steps", "2", "--checkpoint.every_n_steps", "2",
-        "--training.learning_rate", "0.03", "--training.lr_warmup_steps", "0"]
+        "--training.learning_rate", "0.03", "--training.lr_warmup_steps", "0", "--trainer.accelerator", "cpu"]
 
 SAMPLE_PROMPTS = ["def main():", "The quick brown"]
 
@@ -46,7 +46,7 @@ def test_generate_streams_one_prompt_and_writes_jsonl_for_many(trained: Path, tm
     ckpt = trained / "run" / "checkpoints" / "last.ckpt"
     prompt = "The Python "
     one = lit("generate", "--config", DEMO, "--ckpt_path", str(ckpt), "--prompt", prompt, "--max_new_tokens", "12",
-              cwd=tmp_path)
+              "--device", "cpu", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     assert one.stdout.startswith(prompt)
 
@@ -64,7 +64,8 @@ def test_generate_streams_one_prompt_and_writes_jsonl_for_many(trained: Path, tm
     prompts.write_text("import os\n" + prompt + "\n\nclass A:\n", encoding="utf-8")
     jsonl = tmp_path / "out.jsonl"
     many = lit("generate", "--config", DEMO, "--ckpt_path", str(folder), "--prompts_file", str(prompts),
-               "--max_new_tokens", "12", "--batch_size", "2", "--output", str(jsonl), cwd=tmp_path)
+               "--max_new_tokens", "12", "--batch_size", "2", "--output", str(jsonl), "--device", "cpu",
+               cwd=tmp_path)
     assert many.returncode == 0, many.stderr[-3000:]
     records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in records] == ["import os", prompt, "class A:"]
@@ -74,7 +75,7 @@ def test_generate_streams_one_prompt_and_writes_jsonl_for_many(trained: Path, tm
     # sampling flags: a seeded top-k draw per prompt, printed as JSONL (several prompts)
     sampled = lit("generate", "--config", DEMO, "--ckpt_path", str(ckpt), "--prompts_file", str(prompts),
                   "--max_new_tokens", "8", "--temperature", "1.0", "--top_k", "20", "--top_p", "0.9", "--seed", "3",
-                  "--ignore_eos", cwd=tmp_path)
+                  "--ignore_eos", "--device", "cpu", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     lines = [json.loads(line) for line in sampled.stdout.splitlines()]
     assert [r["new_tokens"] for r in lines] == [8, 8, 8]  # --ignore_eos: never stops early
