@@ -9,8 +9,10 @@ per step, so its speed is HBM bandwidth. The Triton kernel (flash-decoding):
   an online softmax; it writes a partial output and its log-sum-exp;
 * stage 2 merges the splits (log-sum-exp weighting).
 
-An FP8 cache (float8 e4m3 + a latent and a rope scale per token) is read as bytes and dequantized
-in registers: the scales multiply the score columns and the probabilities, never the tile.
+An FP8 cache (float8 e4m3 + a latent and a rope scale per token) is read at one byte per value
+and widened in registers; the per-token scales multiply the score columns and the probabilities,
+not the tile. The head blocks of one KV slice are adjacent in the grid, so a tile read from HBM
+for one head block is served from L2 to the others.
 
 Queries may come several per sequence (a chunk after the prefill): each query row gets its own
 causal length, so the same kernel serves them.
