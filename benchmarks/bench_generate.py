@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 from lit_deepseek.config import MLAConfig, load_config  # noqa: E402
 from lit_deepseek.model.paged_cache import PagedLatentCache, quantize_entries  # noqa: E402
 
-SWEEP = [
+SWEEP = [  # (heads per program, tokens per tile, warps, pipeline stages); the first is KERNEL_CONFIG's
+    {"block_h": 32, "block_n": 32, "num_warps": 8, "num_stages": 2},
     {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 2},
     {"block_h": 16, "block_n": 64, "num_warps": 4, "num_stages": 2},
     {"block_h": 32, "block_n": 64, "num_warps": 8, "num_stages": 2},

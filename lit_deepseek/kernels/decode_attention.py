@@ -197,7 +197,7 @@ def _num_splits(rows: int, head_blocks: int, max_len: int, block_n: int) -> int:
 
 
 #: launch settings of the kernel (benchmarks/bench_generate.py --phases attention sweeps alternatives)
-KERNEL_CONFIG = {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 2}
+KERNEL_CONFIG = {"block_h": 32, "block_n": 32, "num_warps": 8, "num_stages": 2}
 
 
 def decode_attention_kernel(q: Tensor, kv: Tensor, scale: Tensor | None, block_table: Tensor, row_seq: Tensor,
