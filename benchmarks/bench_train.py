@@ -77,8 +77,8 @@ CONFIGS: dict[str, Callable[[int], ModelConfig]] = {"small": small_config, "larg
 
 
 def run_config(cfg: ModelConfig, batch: int, seq: int, compiled: bool = False) -> DeepSeekConfig:
-    """The DeepSeekConfig this benchmark trains: one GPU, bf16 weights and optimizer states."""
-    training = TrainingConfig(micro_batch_size=batch, global_batch_size=batch, seq_length=seq,
+    """The DeepSeekConfig this benchmark trains: one GPU, bf16 weights and optimizer states, clip 1.0."""
+    training = TrainingConfig(micro_batch_size=batch, global_batch_size=batch, seq_length=seq, grad_clip=1.0,
                               precision="bf16-true", activation_checkpointing="none", compile=compiled)
     parallel = ParallelConfig(expert_parallel_size=1, data_parallel_size=1, zero_stage=0)
     return DeepSeekConfig(model=cfg, training=training, parallel=parallel)
@@ -158,18 +158,24 @@ def hf_impls(model: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------------------------ steps
-def make_step(impl: str, model: torch.nn.Module, opt: torch.optim.Optimizer, mtp_weight: float,
-              chunk: int = 4096) -> Callable[[torch.Tensor], torch.Tensor]:
-    from lit_deepseek.training.loss import IGNORE_INDEX, model_loss
+def make_step(impl: str, model: torch.nn.Module, opt: torch.optim.Optimizer, run: DeepSeekConfig,
+              scheduler: Optional[Any] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One training step on token ids: ours is the shipped `train_step` (what `lit-deepseek fit`
+    runs per step: loss, backward, global-norm clip, AdamW with the expert-bias update hooked to it)."""
+    from lit_deepseek.training.loss import IGNORE_INDEX
+    from lit_deepseek.training.step import ExpertBalance, LocalPlan, make_loss_fn, train_step
 
-    def ours(ids: torch.Tensor) -> torch.Tensor:
-        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
-        h, mtp = model(ids, return_hidden=True)
-        parts = model_loss(model.head.weight, h, mtp, labels, mtp_weight, chunk)
-        parts.total.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return parts.main.detach()
+    plan = LocalPlan()
+    loss_fn = make_loss_fn(run.model, run.training)
+    if impl == "ours":
+        ExpertBalance(plan, [model], run.model.moe).attach(opt)
+
+    def ours(ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels is None:
+            labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
+        batch = {"input_ids": ids, "labels": labels}
+        whole = dataclasses.replace(run.training, micro_batch_size=len(ids), global_batch_size=len(ids))
+        return train_step(plan, model, batch, opt, whole, loss_fn, scheduler=scheduler).loss.main
 
     def hf(ids: torch.Tensor) -> torch.Tensor:
         out = model(input_ids=ids, labels=ids)
@@ -270,8 +276,9 @@ def _throughput(v: Variant, batch: int, device: torch.device, steps: int, warmup
         extra = hf_impls(model)
         if v.compiled:
             model = torch.compile(model)
+    run = run_config(cfg, batch, v.seq, v.compiled)
     opt = make_optimizer(model)
-    step = make_step(v.impl, model, opt, cfg.mtp_loss_weight)
+    step = make_step(v.impl, model, opt, run)
     gen = torch.Generator(device=device).manual_seed(1)
     ids = [torch.randint(0, cfg.vocab_size, (batch, v.seq), device=device, generator=gen) for _ in range(2)]
     build_s = time.perf_counter() - t_build
@@ -289,7 +296,6 @@ def _throughput(v: Variant, batch: int, device: torch.device, steps: int, warmup
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else float("nan")
     reserved = torch.cuda.max_memory_reserved() / GIB if device.type == "cuda" else float("nan")
-    run = run_config(cfg, batch, v.seq, v.compiled)
     flops = run.flops_per_token(v.seq)
     tok_s = batch * v.seq / dt
     est = run.memory_estimate(world_size=1)
@@ -346,24 +352,13 @@ def train_curve(cfg: ModelConfig, state: dict, device: torch.device, steps: int,
         compile_blocks(model)
     opt = make_optimizer(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
-    from lit_deepseek.model.transformer import DeepSeekV3
-    from lit_deepseek.training.loss import model_loss
-
-    assert isinstance(model, DeepSeekV3)
+    step = make_step("ours", model, opt, run_config(cfg, batch, seq, compiled), scheduler=sched)
     n = tokens.numel()
     losses = []
     for s in range(steps):
         starts = [((s * batch + j) * seq * 7919) % (n - seq - 1) for j in range(batch)]
         win = torch.stack([tokens[a:a + seq + 1] for a in starts])
-        ids, labels = win[:, :-1], win[:, 1:]
-        h, mtp = model(ids, return_hidden=True)
-        parts = model_loss(model.head.weight, h, mtp, labels, cfg.mtp_loss_weight)
-        parts.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(parts.main.detach())
+        losses.append(step(win[:, :-1], win[:, 1:]))
     out = [float(x) for x in torch.stack(losses).cpu()]
     del model, opt
     free(device)
@@ -456,7 +451,7 @@ def fit(device: torch.device, config: str, seq: int, batches: list[int], compile
 
         compile_blocks(model)
     opt = make_optimizer(model)
-    step = make_step("ours", model, opt, cfg.mtp_loss_weight)
+    step = make_step("ours", model, opt, run_config(cfg, batches[0], seq, compiled))
     rows = []
     for b in batches:
         ids = torch.randint(0, cfg.vocab_size, (b, seq), device=device)
