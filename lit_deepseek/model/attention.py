@@ -142,9 +142,8 @@ class MultiHeadLatentAttention(nn.Module):
         return self._latent_output(cache.attend(self._absorb_query(q_nope), q_rope, self.softmax_scale))
 
     def _up_weights(self) -> tuple[Tensor, Tensor]:
-        """(W_UK [H, nope, C], W_UV [H, v, C]) views of kv_b_proj."""
-        h = self.num_heads
-        w = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.d_latent)
+        """(W_UK [H, nope, C], W_UV [H, v, C]) views of kv_b_proj (H: the heads this module holds)."""
+        w = self.kv_b_proj.weight.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.d_latent)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
     def _absorb_query(self, q_nope: Tensor) -> Tensor:
