@@ -176,7 +176,7 @@ def attention_phase(args: argparse.Namespace) -> list[dict[str, Any]]:
 def generate_phase(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     import transformers
 
-    from lit_deepseek.hf import save_hf_model
+    from lit_deepseek.checkpoint.hf import save_hf_model
     from lit_deepseek.model import DeepSeekV3
 
     cfg = load_config(ROOT / "configs" / "deepseek_v3_small.yaml",

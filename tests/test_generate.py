@@ -116,7 +116,7 @@ def test_bad_arguments_are_one_clear_line() -> None:
 
 def test_greedy_matches_transformers_generate(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    from lit_deepseek.hf import save_hf_model
+    from lit_deepseek.checkpoint.hf import save_hf_model
 
     model = _model(mtp_depth=0)
     save_hf_model(model, tmp_path)
