@@ -148,6 +148,7 @@ class ExpertLoadHeatmap(L.Callback):
         if (self.every_n_steps <= 0 or trainer.global_rank != 0 or load is None or step == 0
                 or step % self.every_n_steps):
             return
+        load = load.float().cpu()
         import matplotlib
 
         matplotlib.use("Agg")

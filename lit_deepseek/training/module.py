@@ -136,6 +136,14 @@ class DeepSeekLightningModule(L.LightningModule):
         self._log_step(result, batch)
         return result.loss.total
 
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning will write this step's metrics (so reading them off the device is worth
+        a host sync; other steps leave the device queue running ahead)."""
+        if self._trainer is None:
+            return True
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0 or self.trainer.should_stop \
+            or self.global_step >= self.trainer.max_steps > 0
+
     def _stop_on_nonfinite(self) -> None:
         t = self.training_config
         msg = (f"training: {self.nonfinite_in_a_row} consecutive non-finite losses "
@@ -158,6 +166,14 @@ class DeepSeekLightningModule(L.LightningModule):
         parts, grad_norm = result.loss, result.grad_norm
         step_tokens = t.global_batch_size * batch["input_ids"].shape[1]
         self._tokens_seen += step_tokens
+        if self._throughput is not None and self._t0 is not None:
+            world = max(1, self.trainer.world_size)
+            step = self.global_step
+            self._throughput.update(time=time.perf_counter() - self._t0, batches=step,
+                                    samples=step * t.global_batch_size // world,
+                                    lengths=self._tokens_seen // world, flops=step_tokens * self._flops_per_token / world)
+        if not self._logs_this_step():
+            return
         metrics: dict[str, float] = {
             "train/loss": float(parts.main),
             "train/total_loss": float(parts.total),
@@ -171,7 +187,7 @@ class DeepSeekLightningModule(L.LightningModule):
             metrics["train/mtp_loss"] = float(parts.mtp)
         balance = self.expert_balance
         if balance is not None and balance.last_load is not None:
-            load = balance.last_load
+            load = balance.last_load.cpu()
             imbalance = load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)
             metrics["moe/max_imbalance"] = float(imbalance.max())
             metrics["moe/mean_imbalance"] = float(imbalance.mean())
@@ -184,12 +200,6 @@ class DeepSeekLightningModule(L.LightningModule):
             metrics["moe/bias_max"] = float(biases.max())
             metrics["moe/bias_min"] = float(biases.min())
         if self._throughput is not None and self._t0 is not None:
-            elapsed = time.perf_counter() - self._t0
-            step = self.global_step
-            world = max(1, self.trainer.world_size)
-            self._throughput.update(time=elapsed, batches=step, samples=step * t.global_batch_size // world,
-                                    lengths=self._tokens_seen // world,
-                                    flops=step_tokens * self._flops_per_token / world)
             tp = self._throughput.compute()
             tokens_per_s = tp.get("items_per_sec", tp.get("device/items_per_sec"))  # global key only if world > 1
             if tokens_per_s is not None:

@@ -161,8 +161,8 @@ class ExpertBalance:
     def __init__(self, plan: Plan, parts: list[nn.Module], moe: MoEConfig) -> None:
         self.plan, self.parts, self.moe = plan, parts, moe
         self.last_load: Optional[Tensor] = None
-        self.drop_rate = 0.0
-        self.balance_loss = 0.0
+        self._drop_rate: Optional[Tensor] = None
+        self._balance_loss: Optional[Tensor] = None
 
     def attach(self, optimizer: torch.optim.Optimizer) -> ExpertBalance:
         optimizer.register_step_post_hook(lambda opt, args, kwargs: self.update())
@@ -170,6 +170,7 @@ class ExpertBalance:
 
     @torch.no_grad()
     def update(self) -> None:
+        """Runs on the device without a host sync, so the next step can be queued behind it."""
         layers = moe_layers(self.parts)
         if not layers:
             return
@@ -177,12 +178,24 @@ class ExpertBalance:
         if self.moe.use_aux_loss_free:
             for layer, load in zip(layers, loads, strict=True):
                 layer.update_bias(load, self.moe.bias_update_speed)
-        self.last_load = loads.detach().cpu()
-        routed = sum(float(m.routed_tokens) for m in layers)
-        self.drop_rate = sum(float(m.dropped_tokens) for m in layers) / routed if routed else 0.0
-        self.balance_loss = float(sum(float(m.last_aux_loss) for m in layers if m.last_aux_loss is not None))
+        self.last_load = loads.detach()
+        routed = torch.stack([m.routed_tokens.float() for m in layers]).sum()
+        dropped = torch.stack([m.dropped_tokens.float() for m in layers]).sum()
+        self._drop_rate = dropped / routed.clamp(min=1)
+        aux = [m.last_aux_loss.float() for m in layers if m.last_aux_loss is not None]
+        self._balance_loss = torch.stack(aux).sum() if aux else None
         for layer in layers:
             layer.reset_stats()
+
+    @property
+    def drop_rate(self) -> float:
+        """Share of routed token copies dropped by expert capacity in the last step."""
+        return float(self._drop_rate) if self._drop_rate is not None else 0.0
+
+    @property
+    def balance_loss(self) -> float:
+        """Sequence-wise balance loss of the last step, summed over the MoE layers."""
+        return float(self._balance_loss) if self._balance_loss is not None else 0.0
 
     def biases(self) -> Tensor:
         return torch.stack([m.expert_bias.detach().float().cpu() for m in moe_layers(self.parts)])
