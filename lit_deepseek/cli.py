@@ -154,6 +154,10 @@ class LitDeepSeekCLI(LightningCLI):
         callbacks: list[Any] = checkpoint_callbacks(cfg.checkpoint, checkpoint_dir(cfg))
         callbacks.append(TrackConfig(cfg, trainer_cfg))
         callbacks.append(ExpertLoadHeatmap(lg.heatmap_every_n_steps, out_dir=os.path.join(lg.run_dir, "plots")))
+        if lg.sample_prompts:
+            from lit_deepseek.training.samples import SampleGenerations
+
+            callbacks.append(SampleGenerations(lg.sample_prompts, lg.sample_max_new_tokens, cfg.data.tokenizer))
         config["callbacks"] = callbacks
         if user_logger is False:
             config["logger"] = False
