@@ -416,6 +416,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint.monitor": _NONEMPTY,
     "logging.run_dir": _NONEMPTY, "logging.experiment_name": _NONEMPTY, "logging.log_every_n_steps": _POS,
     "logging.heatmap_every_n_steps": (_ge(0), "must be >= 0 (0 disables)"), "logging.peak_tflops": _POS,
+    "logging.sample_max_new_tokens": _POS,
 }
 
 
