@@ -9,6 +9,7 @@ LightningModule, DataModule, strategy, callbacks and MLflow logger from them. Li
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -90,6 +91,9 @@ class LitDeepSeekCLI(LightningCLI):
         self.world_size = resolve_world_size(trainer_ns)
         validate_config(self.deepseek_config, self.world_size)
         check_strategy(self.deepseek_config, self.world_size, trainer_ns.get("strategy", "auto"))
+        if self.subcommand == "test" and self.deepseek_config.data.test_shards is None:
+            raise ConfigError("data.test_shards: `test` needs held-out test shards (the validation shards are not "
+                              "a test set); set data.test_shards")
 
     def instantiate_classes(self) -> None:
         from lit_deepseek.data.datamodule import DeepSeekDataModule
@@ -108,11 +112,12 @@ class LitDeepSeekCLI(LightningCLI):
         t, lg = cfg.training, cfg.logging
         ns = self.config.get(str(self.subcommand), self.config)
         trainer_cfg = _to_plain(ns.get("trainer")) or {}
-        resume = bool(ns.get("ckpt_path"))
+        ckpt_path = ns.get("ckpt_path")
+        resume = bool(ckpt_path)
 
         self.model = DeepSeekLightningModule(cfg.model, cfg.training, cfg.parallel, lg.peak_tflops)
         self.datamodule = DeepSeekDataModule(
-            data=cfg.data, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+            data=dataclasses.replace(cfg.data, cache_dir=cfg.data_cache_dir()), seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size, seed=t.seed if cfg.data.seed is None else cfg.data.seed,
             val_batches=t.val_batches, batch_per_step=True,
         )
@@ -144,7 +149,8 @@ class LitDeepSeekCLI(LightningCLI):
             config["logger"] = False
         else:
             config["logger"] = build_mlflow_logger(lg, resume=resume)
-        strategy = build_strategy(cfg, self.world_size, config.get("strategy", "auto"))
+        strategy = build_strategy(cfg, self.world_size, config.get("strategy", "auto"),
+                                  resume_from=resolve_ckpt_path(ckpt_path, checkpoint_dir(cfg)))
         if strategy is not None:
             config["strategy"] = strategy
         plugins = config.get("plugins") or []
@@ -154,6 +160,50 @@ class LitDeepSeekCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         config["plugins"] = plugins or None
         self.trainer = Trainer(**config)
+
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (prediction is not a training subcommand here)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def after_fit(self) -> None:
+        """Say where the run's outputs went."""
+        if self.trainer.is_global_zero:
+            print(run_outputs(self.deepseek_config, logged=self.trainer.logger is not None), flush=True)
+
+
+def run_outputs(cfg: DeepSeekConfig, logged: bool = True) -> str:
+    """Where a finished run left its checkpoints, MLflow store and plots (a few lines)."""
+    from lit_deepseek.training.callbacks import artifact_location, checkpoint_dir, tracking_uri
+
+    lines = [f"checkpoints:  {checkpoint_dir(cfg)} (resume with --ckpt_path last)"]
+    if logged:
+        uri = tracking_uri(cfg.logging)
+        lines.append(f"MLflow store: {uri} (view: mlflow ui --backend-store-uri {uri})")
+        where = artifact_location(cfg.logging)
+        if where:
+            lines.append(f"MLflow artifacts (config, expert-load heatmaps): {where}")
+    if cfg.logging.heatmap_every_n_steps > 0:
+        lines.append(f"expert-load plots: {Path(cfg.logging.run_dir) / 'plots'}")
+    return "\n".join(["lit-deepseek: run outputs"] + ["  " + line for line in lines])
+
+
+def resolve_ckpt_path(ckpt_path: Optional[str], ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint `--ckpt_path` names: a path, or for `last` the newest `last*.ckpt` in the checkpoint folder."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        found = sorted(ckpt_dir.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+    if ckpt_path in ("best", "hpc", "registry"):
+        return None
+    return Path(ckpt_path)
+
+
+def is_distributed_checkpoint(path: Optional[Path]) -> bool:
+    """A folder written by `lit_deepseek.parallel.checkpoint` (multi-process runs) rather than one file."""
+    return path is not None and path.is_dir() and (path / ".metadata").is_file()
 
 
 def check_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> None:
@@ -167,8 +217,9 @@ def check_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> None
         raise ConfigError("training.precision: 16-mixed is not supported by the parallel strategy; use bf16-mixed")
 
 
-def build_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> Any:
-    """Our parallel strategy whenever more than one process or any model parallelism is asked for."""
+def build_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any, resume_from: Optional[Path] = None) -> Any:
+    """Our parallel strategy whenever more than one process or any model parallelism is asked for, or when one
+    process resumes from a distributed checkpoint folder (which only that strategy reads)."""
     p = cfg.parallel
     if requested == "deepspeed":
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -176,7 +227,7 @@ def build_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> Any:
         return DeepSpeedStrategy(config=str(DEEPSPEED_CONFIG))
     if requested not in (None, "auto"):
         return None
-    if world_size == 1 and p.model_parallel_size() == 1:
+    if world_size == 1 and p.model_parallel_size() == 1 and not is_distributed_checkpoint(resume_from):
         return None
     from lit_deepseek.parallel.strategy import DeepSeekStrategy
 
