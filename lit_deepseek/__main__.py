@@ -25,6 +25,12 @@ def _prepare_data(argv: list[str]) -> int:
     return prepare_data_cli(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    from lit_deepseek.planner import plan_main
+
+    return plan_main(argv)
+
+
 def _convert(argv: list[str]) -> int:
     from lit_deepseek.cli import convert_main
 
@@ -33,6 +39,7 @@ def _convert(argv: list[str]) -> int:
 
 TOOLS: dict[str, Callable[[list[str]], int]] = {
     "summary": _summary,
+    "plan": _plan,
     "prepare-data": _prepare_data,
     "convert": _convert,
 }

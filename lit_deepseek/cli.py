@@ -91,6 +91,8 @@ class LitDeepSeekCLI(LightningCLI):
         self.world_size = resolve_world_size(trainer_ns)
         validate_config(self.deepseek_config, self.world_size)
         check_strategy(self.deepseek_config, self.world_size, trainer_ns.get("strategy", "auto"))
+        if self.subcommand == "fit":
+            check_device_memory(self.deepseek_config, self.world_size, trainer_ns.get("accelerator"))
         if self.subcommand == "test" and self.deepseek_config.data.test_shards is None:
             raise ConfigError("data.test_shards: `test` needs held-out test shards (the validation shards are not "
                               "a test set); set data.test_shards")
@@ -206,6 +208,23 @@ def is_distributed_checkpoint(path: Optional[Path]) -> bool:
     return path is not None and path.is_dir() and (path / ".metadata").is_file()
 
 
+def check_device_memory(cfg: DeepSeekConfig, world_size: int, accelerator: Any) -> None:
+    """On GPUs, refuse a layout whose memory estimate exceeds the device, naming the smallest change that fits
+    (LIT_DEEPSEEK_SKIP_MEMORY_CHECK=1 starts anyway)."""
+    import torch
+
+    if str(accelerator or "auto") not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return
+    if os.environ.get("LIT_DEEPSEEK_SKIP_MEMORY_CHECK", "") not in ("", "0"):
+        return
+    from lit_deepseek.planner import memory_check
+
+    memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
+    problem = memory_check(cfg, world_size, memory)
+    if problem:
+        raise ConfigError(problem)
+
+
 def check_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> None:
     """Strategy rules that need no process group: DeepSpeed is data-parallel only; fp16 needs one process."""
     parallel = world_size > 1 or cfg.parallel.model_parallel_size() > 1
@@ -285,6 +304,7 @@ def summary_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lit-deepseek summary", description="Print parameters, layout and memory.")
     parser.add_argument("--config", "-c", action="append", required=True, help="YAML config (repeatable)")
     parser.add_argument("--world_size", type=int, default=None, help="Validate the layout against this world size")
+    parser.add_argument("--gpu_memory", default="80GB", help="GPU memory the estimate is checked against (default 80GB)")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     it = iter(rest)
@@ -292,8 +312,19 @@ def summary_main(argv: list[str]) -> int:
         if not key.startswith("--"):
             parser.error(f"unexpected argument {key}")
         overrides[key[2:]] = yaml.safe_load(next(it, "null"))
-    cfg = load_config(*args.config, overrides=overrides, world_size=args.world_size)
+    cfg = load_config(*args.config, overrides=overrides, world_size=args.world_size, hardware=False)
     cfg.print_summary(args.world_size)
+    from lit_deepseek.planner import USABLE_FRACTION, gpus_needed, parse_memory
+
+    memory = parse_memory(args.gpu_memory)
+    total = cfg.memory_estimate(args.world_size)["total"]
+    if total <= memory * USABLE_FRACTION:
+        print(f"Fits {memory:g} GiB GPUs ({USABLE_FRACTION:.0%} usable) in this layout")
+    else:
+        need = gpus_needed(cfg, memory)
+        where = f"needs at least {need} such GPUs" if need else "no GPU count up to 65536 fits"
+        print(f"Does NOT fit {memory:g} GiB GPUs ({USABLE_FRACTION:.0%} usable) in this layout; by this estimate it "
+              f"{where}: lit-deepseek plan --config ... --gpus N --gpu_memory {args.gpu_memory} lists the layouts")
     return 0
 
 

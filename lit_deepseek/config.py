@@ -581,8 +581,10 @@ def _activation_bytes(cfg: DeepSeekConfig) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> None:
-    """Raise ConfigError (one line: field and rule) for the first impossible setting."""
+def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None, hardware: bool = True) -> None:
+    """Raise ConfigError (one line: field and rule) for the first impossible setting.
+
+    `hardware=False` skips the checks against this machine's devices (FP8 support), for planning elsewhere."""
     m, a, e, p, t = cfg.model, cfg.model.mla, cfg.model.moe, cfg.parallel, cfg.training
 
     def need(cond: bool, msg: str) -> None:
@@ -684,7 +686,7 @@ def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> No
             if p.pipeline_schedule == "interleaved_1f1b":
                 need(n_micro % pp == 0, f"training.global_batch_size: interleaved_1f1b needs the micro-batch count "
                                         f"({n_micro}) to be a multiple of PP ({pp})")
-    if t.use_fp8:
+    if t.use_fp8 and hardware:
         _check_fp8_available()
 
 
@@ -730,8 +732,10 @@ def read_yaml(path: Union[str, os.PathLike]) -> dict:
 
 
 def load_config(*paths: Union[str, os.PathLike], overrides: Optional[dict] = None,
-                validate: bool = True, world_size: Optional[int] = None) -> DeepSeekConfig:
-    """Load one or more YAML files (later ones override earlier ones), then dotted overrides."""
+                validate: bool = True, world_size: Optional[int] = None, hardware: bool = True) -> DeepSeekConfig:
+    """Load one or more YAML files (later ones override earlier ones), then dotted overrides.
+
+    `hardware=False` validates without checking this machine's devices (for `summary` and `plan`)."""
     data: dict = {}
     for path in paths:
         data = deep_merge(data, read_yaml(path))
@@ -744,7 +748,7 @@ def load_config(*paths: Union[str, os.PathLike], overrides: Optional[dict] = Non
     data.pop("trainer", None)  # Lightning's own section, handled by the CLI
     cfg = from_dict(data)
     if validate:
-        cfg.validate(world_size)
+        validate_config(cfg, world_size, hardware=hardware)
     return cfg
 
 
