@@ -124,23 +124,7 @@ class LitDeepSeekCLI(LightningCLI):
             val_batches=t.val_batches, batch_per_step=True,
         )
         self.datamodule.check_vocab(cfg.model.vocab_size)
-        derived = {
-            "max_steps": t.max_steps,
-            "precision": t.precision,
-            "log_every_n_steps": lg.log_every_n_steps,
-            "val_check_interval": t.val_every_n_steps,
-            "check_val_every_n_epoch": None,
-            "limit_val_batches": t.val_batches,
-            "deterministic": True if t.deterministic else None,
-            "default_root_dir": lg.run_dir,
-            "enable_progress_bar": lg.progress_bar,
-            "num_sanity_val_steps": 0,
-        }
-        trainer_defaults = _trainer_defaults()
-        config = dict(trainer_cfg)
-        for key in _DERIVED_TRAINER_KEYS:
-            if config.get(key, trainer_defaults.get(key)) == trainer_defaults.get(key):
-                config[key] = derived[key]
+        config = with_derived_trainer_args(trainer_cfg, cfg)
         config.pop("callbacks", None)
         user_logger = config.pop("logger", None)
         callbacks: list[Any] = checkpoint_callbacks(cfg.checkpoint, checkpoint_dir(cfg))
@@ -163,6 +147,28 @@ class LitDeepSeekCLI(LightningCLI):
         config["plugins"] = plugins or None
         self.trainer = Trainer(**config)
 
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As LightningCLI, except that `--print_config` shows the trainer values the sections decide
+        (max_steps, precision, ...) instead of Lightning's placeholders."""
+        argv = list(sys.argv[1:] if args is None else args)
+        flags = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]
+        if not flags or not isinstance(args, (list, type(None))):
+            return super().parse_arguments(parser, args)
+        with warnings.catch_warnings():  # the flag is taken out of sys.argv's copy on purpose
+            warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+            super().parse_arguments(parser, [a for a in argv if a not in flags])
+        sub = self.config.get("subcommand")
+        ns = self.config.get(sub, self.config) if sub else self.config
+        cfg = from_dict(self._section_dict(ns))
+        trainer = with_derived_trainer_args(_to_plain(ns.get("trainer")) or {}, cfg)
+        for key in _DERIVED_TRAINER_KEYS:
+            ns[f"trainer.{key}"] = trainer[key]
+        ns["data.cache_dir"] = cfg.data_cache_dir()
+        sub_parser = parser._subcommands_action._name_parser_map[sub] if sub else parser
+        skip = flags[0].split("=", 1)[1].split(",") if "=" in flags[0] else []
+        print(sub_parser.dump(ns, skip_none=False, skip_default="skip_default" in skip), end="")
+        sys.exit(0)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -206,6 +212,30 @@ def resolve_ckpt_path(ckpt_path: Optional[str], ckpt_dir: Path) -> Optional[Path
 def is_distributed_checkpoint(path: Optional[Path]) -> bool:
     """A folder written by `lit_deepseek.parallel.checkpoint` (multi-process runs) rather than one file."""
     return path is not None and path.is_dir() and (path / ".metadata").is_file()
+
+
+def with_derived_trainer_args(trainer_cfg: dict[str, Any], cfg: DeepSeekConfig) -> dict[str, Any]:
+    """The trainer arguments with those the spec's sections decide filled in (a value set in `trainer:` that
+    differs from Lightning's default wins)."""
+    t, lg = cfg.training, cfg.logging
+    derived = {
+        "max_steps": t.max_steps,
+        "precision": t.precision,
+        "log_every_n_steps": lg.log_every_n_steps,
+        "val_check_interval": t.val_every_n_steps,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": t.val_batches,
+        "deterministic": True if t.deterministic else None,
+        "default_root_dir": lg.run_dir,
+        "enable_progress_bar": lg.progress_bar,
+        "num_sanity_val_steps": 0,
+    }
+    defaults = _trainer_defaults()
+    config = dict(trainer_cfg)
+    for key in _DERIVED_TRAINER_KEYS:
+        if config.get(key, defaults.get(key)) == defaults.get(key):
+            config[key] = derived[key]
+    return config
 
 
 def check_device_memory(cfg: DeepSeekConfig, world_size: int, accelerator: Any) -> None:

@@ -32,7 +32,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> Non
 def test_base_config_on_one_cpu_fails_fast_with_one_line(tmp_path: Path) -> None:
     start = time.perf_counter()
     proc = run_cli("fit", "--config", str(ROOT / "configs" / "base.yaml"), cwd=tmp_path, timeout=120)
-    assert_one_line_error(proc, "32 but the world size is 1")
+    assert_one_line_error(proc, "world size 1 is not divisible by TP x PP x EP = 4 x 4 x 2 = 32")
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "runs").exists()  # nothing was started
 
@@ -175,3 +175,26 @@ def test_one_and_two_process_runs_share_a_run_dir_and_resume_across(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Restored all states from the checkpoint at {folders[0]}" in proc.stdout + proc.stderr
     assert (run_dir / "checkpoints" / "step0000006.ckpt").exists()
+
+
+def test_help_lists_every_subcommand_and_predict_is_gone(tmp_path: Path) -> None:
+    proc = run_cli("--help", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()}
+    assert {"fit", "validate", "test", "summary", "plan", "prepare-data", "convert"} <= listed
+    assert "predict" not in proc.stdout
+    proc = run_cli("predict", "--config", str(DEMO), cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, "invalid choice: 'predict'")
+
+
+def test_print_config_shows_the_values_that_will_be_used(tmp_path: Path) -> None:
+    import yaml
+
+    proc = run_cli("fit", "--config", str(DEMO), "--print_config", "--training.max_steps", "7", cwd=tmp_path,
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["trainer"]["max_steps"] == 7 and printed["trainer"]["precision"] == "32-true"
+    assert printed["trainer"]["default_root_dir"] == "runs/cpu_demo"
+    assert printed["data"]["cache_dir"] == "runs/cpu_demo/data"
+    assert "args parameter" not in proc.stderr
