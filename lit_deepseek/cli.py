@@ -262,6 +262,9 @@ def check_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> None
         raise ConfigError("trainer.strategy: DeepSpeed runs data-parallel layouts only; set "
                           "parallel.tensor_parallel_size, pipeline_parallel_size and expert_parallel_size to 1 "
                           "or leave trainer.strategy at auto")
+    if isinstance(requested, str) and requested.startswith("deepspeed") and not DEEPSPEED_CONFIG.is_file():
+        raise ConfigError(f"trainer.strategy: deepspeed uses configs/deepspeed_config.json, which is not at "
+                          f"{DEEPSPEED_CONFIG} (install the project from its source folder: pip install -e .)")
     if parallel and requested in (None, "auto") and cfg.training.precision == "16-mixed":
         raise ConfigError("training.precision: 16-mixed is not supported by the parallel strategy; use bf16-mixed")
 
