@@ -4,7 +4,8 @@
 # Needs the deepspeed package. deepspeed 0.19 is an sdist whose CUDA ops build lazily, so it installs
 # without a compiler: DS_BUILD_OPS=0 pip install --no-deps "deepspeed==0.19.*" hjson py-cpuinfo msgpack \
 #   nvidia-ml-py ninja einops psutil   (pydantic too where it is missing)
-# or point DEEPSPEED_PKGS at a folder such packages were installed into with `pip install --target`.
+# or point DEEPSPEED_PKGS at a folder such packages were installed into with `pip install --target`
+# (e.g. .deepspeed_pkgs/, git-ignored, to carry to a machine without a package index).
 # Bounded: the training run is killed after 300 s. Writes deepspeed_fit.log and deepspeed_result.txt to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/deepspeed_out}
