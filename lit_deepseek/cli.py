@@ -93,6 +93,13 @@ class LitDeepSeekCLI(LightningCLI):
         check_strategy(self.deepseek_config, self.world_size, trainer_ns.get("strategy", "auto"))
         if self.subcommand == "fit":
             check_device_memory(self.deepseek_config, self.world_size, trainer_ns.get("accelerator"))
+        from lit_deepseek.training.callbacks import checkpoint_dir
+
+        resume_from = resolve_ckpt_path(ns.get("ckpt_path"), checkpoint_dir(self.deepseek_config))
+        if (resume_from is not None and resume_from.is_file() and trainer_ns.get("strategy", "auto") in (None, "auto")
+                and (self.world_size > 1 or self.deepseek_config.parallel.model_parallel_size() > 1)):
+            raise ConfigError(f"ckpt_path: {resume_from} is a one-process checkpoint (one file); parallel layouts "
+                              f"resume from the folder checkpoints of multi-process runs: resume it on one process")
         if self.subcommand == "test" and self.deepseek_config.data.test_shards is None:
             raise ConfigError("data.test_shards: `test` needs held-out test shards (the validation shards are not "
                               "a test set); set data.test_shards")

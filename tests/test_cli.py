@@ -166,8 +166,10 @@ def test_one_and_two_process_runs_share_a_run_dir_and_resume_across(tmp_path: Pa
     proc = run_cli("fit", *common, "--training.max_steps", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
-    proc = run_cli("fit", *common, "--training.max_steps", "4", "--trainer.accelerator", "cpu", "--trainer.devices",
-                   "2", "--parallel.expert_parallel_size", "2", cwd=tmp_path)
+    two = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--parallel.expert_parallel_size", "2"]
+    proc = run_cli("fit", *common, *two, "--ckpt_path", "last", cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, "is a one-process checkpoint (one file)")
+    proc = run_cli("fit", *common, "--training.max_steps", "4", *two, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folders = [p for p in (run_dir / "checkpoints").glob("step0000004*.ckpt") if p.is_dir()]
     assert len(folders) == 1 and (run_dir / "checkpoints" / "best.ckpt").is_dir(), proc.stderr[-3000:]
