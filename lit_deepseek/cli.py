@@ -131,7 +131,7 @@ class LitDeepSeekCLI(LightningCLI):
             val_batches=t.val_batches, batch_per_step=True,
         )
         self.datamodule.check_vocab(cfg.model.vocab_size)
-        config = with_derived_trainer_args(trainer_cfg, cfg)
+        config = with_derived_trainer_args({k: _instantiate(v) for k, v in trainer_cfg.items()}, cfg)
         config.pop("callbacks", None)
         user_logger = config.pop("logger", None)
         callbacks: list[Any] = checkpoint_callbacks(cfg.checkpoint, checkpoint_dir(cfg))
@@ -321,6 +321,17 @@ def _trainer_defaults() -> dict[str, Any]:
 
     return {k: v.default for k, v in inspect.signature(Trainer.__init__).parameters.items()
             if v.default is not inspect.Parameter.empty}
+
+
+def _instantiate(value: Any) -> Any:
+    """Trainer arguments given as {class_path, init_args} (a profiler, plugins) become objects."""
+    if isinstance(value, dict) and "class_path" in value:
+        from lightning.pytorch.cli import instantiate_class
+
+        return instantiate_class((), value)
+    if isinstance(value, list):
+        return [_instantiate(v) for v in value]
+    return value
 
 
 def _to_plain(value: Any) -> Any:

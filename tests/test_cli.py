@@ -70,8 +70,13 @@ def test_demo_trains_tracks_and_checkpoints(tmp_path: Path) -> None:
     proc = run_cli("fit", "--config", str(DEMO), "--training.max_steps", "6", "--training.val_every_n_steps", "3",
                    "--training.val_batches", "2", "--checkpoint.every_n_steps", "3", "--logging.log_every_n_steps", "1",
                    "--logging.heatmap_every_n_steps", "3", "--logging.run_dir", str(run_dir),
-                   "--logging.progress_bar", "false", cwd=tmp_path)
+                   "--logging.progress_bar", "false",
+                   # a trainer argument given as a class path reaches Lightning as an object
+                   "--trainer.profiler", "lightning.pytorch.profilers.SimpleProfiler",
+                   "--trainer.profiler.init_args.dirpath", str(tmp_path / "prof"),
+                   "--trainer.profiler.init_args.filename", "steps", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "run_training_batch" in (tmp_path / "prof" / "fit-steps.txt").read_text()
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in ckpts and "step0000006.ckpt" in ckpts and "best.ckpt" in ckpts, ckpts
 

@@ -66,9 +66,10 @@ def test_mtp_module_k_sees_token_i_plus_k(tiny_config):
     with torch.no_grad():
         h_a, (m_a,) = model(ids, return_hidden=True)
         h_b, (m_b,) = model(changed, return_hidden=True)
-    assert torch.equal(h_a[:, :7], h_b[:, :7])
-    assert torch.equal(m_a[:, :6], m_b[:, :6])
-    assert not torch.allclose(m_a[:, 6], m_b[:, 6])
+    # equal up to rounding: expert matmuls see a different number of rows when one token changes
+    torch.testing.assert_close(h_a[:, :7], h_b[:, :7], rtol=0, atol=1e-5)
+    torch.testing.assert_close(m_a[:, :6], m_b[:, :6], rtol=0, atol=1e-5)
+    assert (m_a[:, 6] - m_b[:, 6]).abs().max() > 1e-2
 
 
 def test_document_mask_equals_separate_sequences(tiny_config):

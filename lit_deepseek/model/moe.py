@@ -12,6 +12,7 @@ the local experts (grouped GEMM on CUDA, a plain loop as the reference) and comb
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from lit_deepseek.config import ModelConfig, MoEConfig
 from lit_deepseek.model.dispatch import LocalDispatcher, TokenDispatcher, is_recomputing
+from lit_deepseek.precision import compute_dtype
 
 
 class SwiGLU(nn.Module):
@@ -39,6 +41,18 @@ def _grouped_mm_fn() -> Any:
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+_warned_reference_experts = False
+
+
+def _warn_reference_experts(dtype: torch.dtype) -> None:
+    global _warned_reference_experts
+    if not _warned_reference_experts:
+        _warned_reference_experts = True
+        warnings.warn(f"MoE experts run the per-expert reference loop on CUDA (compute dtype {dtype}; grouped GEMM "
+                      "needs bf16): expect a large slowdown. Use training.precision bf16-mixed or bf16-true.",
+                      stacklevel=3)
+
+
 class GroupedExperts(nn.Module):
     """Routed SwiGLU experts stored as stacked weights: gate w1 and up w3 [E_local, I, D],
     down w2 [E_local, D, I]. `expert_start` is the global id of the first expert held here."""
@@ -55,17 +69,26 @@ class GroupedExperts(nn.Module):
         return self.w1.shape[0]
 
     def forward(self, x: Tensor, counts: Tensor, use_grouped_mm: bool | None = None) -> Tensor:
-        """x [M, D] rows sorted by local expert, counts [E_local] rows per expert -> [M, D]."""
+        """x [M, D] rows sorted by local expert, counts [E_local] rows per expert -> [M, D].
+
+        The compute dtype is the autocast dtype when autocast is on (mixed precision: float32
+        master weights, bf16 matmuls), else x's dtype. Grouped GEMM runs whenever that dtype is
+        bf16 on CUDA; the per-expert loop is the reference path, and taking it on CUDA warns once.
+        """
+        dtype = compute_dtype(x)
         if use_grouped_mm is None:
-            use_grouped_mm = x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
+            use_grouped_mm = x.is_cuda and dtype == torch.bfloat16 and _grouped_mm_fn() is not None
+            if x.is_cuda and not use_grouped_mm:
+                _warn_reference_experts(dtype)
         if use_grouped_mm:
-            return self._grouped(x, counts)
+            return self._grouped(x.to(dtype), counts)
         return self._reference(x, counts)
 
     def _grouped(self, x: Tensor, counts: Tensor) -> Tensor:
         mm = _grouped_mm_fn()
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         dtype = x.dtype
+        # grouped_mm has no autocast rule: cast here (under autocast these casts are the bf16 copy)
         w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
         gate = mm(x, w1.transpose(-2, -1), offs=offsets)
         up = mm(x, w3.transpose(-2, -1), offs=offsets)

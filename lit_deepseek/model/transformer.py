@@ -108,11 +108,10 @@ class DeepSeekV3(nn.Module):
             if name.split(".")[-1] in ("w1", "w2", "w3"):
                 module = self.get_submodule(name.rsplit(".", 1)[0])
                 for local in range(param.shape[0]):
-                    gen = _generator(seed, f"{name}[{module.expert_start + local}]")
-                    param[local].copy_(torch.empty(param.shape[1:]).normal_(0.0, std, generator=gen))
+                    gen = _generator(seed, f"{name}[{module.expert_start + local}]", param.device)
+                    param[local].normal_(0.0, std, generator=gen)
             else:
-                gen = _generator(seed, name)
-                param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=gen))
+                param.normal_(0.0, std, generator=_generator(seed, name, param.device))
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor, doc_ids: Tensor | None = None, return_hidden: bool = False,
@@ -170,5 +169,7 @@ class DeepSeekV3(nn.Module):
                 yield p
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator on the tensor's own device (weights are drawn where they live, never staged in
+    host memory), seeded by (seed, name). CPU and CUDA streams differ; a layout does not matter."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))

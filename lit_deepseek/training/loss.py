@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lit_deepseek.precision import compute_dtype
+
 IGNORE_INDEX = -100
 #: switch for the fused head + cross-entropy path (False: always the checkpointed reference path)
 FUSED_CROSS_ENTROPY = True
@@ -103,9 +105,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
+        grad_dtype = compute_dtype(h)  # bf16 logits gradients under mixed precision
         for start in range(0, h.shape[0], chunk_size):
             hc, yc = h[start:start + chunk_size], labels[start:start + chunk_size]
-            chunk_sum, grad = _ce_sum_and_grad(F.linear(hc, weight), yc, h.dtype)
+            chunk_sum, grad = _ce_sum_and_grad(F.linear(hc, weight), yc, grad_dtype)
             total = total + chunk_sum
             if grad_h is not None:
                 grad_h[start:start + chunk_size] = grad @ weight.to(h.dtype)

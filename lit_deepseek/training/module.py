@@ -67,9 +67,14 @@ class DeepSeekLightningModule(L.LightningModule):
         from lit_deepseek.model import DeepSeekV3
 
         _warn_decode_only_flags(self.model_config)
-        model = DeepSeekV3(self.model_config)
-        if any(p.is_meta for p in model.parameters()):
-            model.to_empty(device=self.device if self.device.type != "meta" else torch.device("cpu"))
+        # Lightning calls this hook under the strategy's device context: build on the meta device,
+        # then allocate once where the weights will live and draw them there (no host copy).
+        target = torch.get_default_device()
+        if target.type == "meta":
+            target = self.device if self.device.type != "meta" else torch.device("cpu")
+        with torch.device("meta"):
+            model = DeepSeekV3(self.model_config)
+        model.to_empty(device=target)
         model.init_weights(seed=self.training_config.seed)
         self.model = self.plan.parallelize(model)
         if self.training_config.activation_checkpointing != "none":
@@ -218,6 +223,13 @@ class DeepSeekLightningModule(L.LightningModule):
                 metrics["train/tokens_per_s"] = tokens_per_s
             if "device/mfu" in tp:
                 metrics["train/mfu"] = tp["device/mfu"]
+        if self.device.type == "cuda":
+            metrics["train/max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if t.compile:
+            from torch._dynamo.utils import counters
+
+            # constant after the first steps unless something recompiles
+            metrics["train/compiled_graphs"] = float(counters["stats"]["unique_graphs"])
         skipped = getattr(getattr(self._trainer, "datamodule", None), "skipped_shards", None)
         if skipped is not None:
             metrics["data/skipped_shards"] = float(skipped)

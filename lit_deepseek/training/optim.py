@@ -30,7 +30,10 @@ def param_groups(parts: list[nn.Module], weight_decay: float) -> list[dict[str, 
 def build_optimizer(parts: list[nn.Module], cfg: TrainingConfig, plan: Optional[Any] = None) -> torch.optim.Optimizer:
     """AdamW over the model parts; a plan may wrap it (e.g. ZeRO-1 optimizer-state sharding)."""
     groups = param_groups(parts, cfg.weight_decay)
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    kwargs: dict[str, Any] = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    params = [p for group in groups for p in group["params"]]
+    if params and all(p.is_cuda and type(p) is nn.Parameter for p in params):
+        kwargs["fused"] = True  # one kernel per dtype/device group instead of foreach's several passes
     make = getattr(plan, "build_optimizer", None)
     if make is not None:
         return make(groups, **kwargs)
