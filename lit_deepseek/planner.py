@@ -254,15 +254,14 @@ def _changes(cfg: DeepSeekConfig, a: Optional[Layout], b: Layout, auto_dp: bool 
 
 
 def memory_check(cfg: DeepSeekConfig, world_size: int, gpu_memory_gib: float) -> Optional[str]:
-    """None when the config's layout fits; otherwise one line with the estimate and the smallest change that fits
-    (fewest changed fields, then the fastest), or the GPU count it needs."""
+    """None unless the config's estimate exceeds the GPU's memory; then one line with the estimate and the smallest
+    change that fits with the planner's headroom (fewest changed fields, then the fastest), or the GPU count it needs."""
     current = layout_of(cfg, world_size)
     need = cfg.memory_estimate(world_size)["total"]
-    usable = gpu_memory_gib * USABLE_FRACTION
-    if need <= usable:
+    if need <= gpu_memory_gib:
         return None
-    head = (f"parallel: the estimated memory per GPU is {need:.1f} GiB but {usable:.1f} GiB of the "
-            f"{gpu_memory_gib:.1f} GiB are usable ({current.describe()})")
+    head = (f"parallel: the estimated memory per GPU is {need:.1f} GiB but a GPU has {gpu_memory_gib:.1f} GiB "
+            f"({current.describe()})")
     fits = plan(cfg, world_size, gpu_memory_gib)
     auto_dp = cfg.parallel.data_parallel_size == -1  # DP follows TP, PP and EP: not a change to name
     if fits:
