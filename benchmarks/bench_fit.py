@@ -5,10 +5,14 @@ the built-in corpus' webdataset shards, the LightningModule's step and MLflow lo
 user runs it. Figures are read back from the run's MLflow store:
 
 * tokens/s: tokens of the steps after warm-up over the time between their metric timestamps
-  (Lightning's MLflow logger stamps each step when it logs it; `logging.log_every_n_steps: 1`);
+  (Lightning's MLflow logger stamps a step when it logs it). Metrics are logged every `--warmup`
+  steps (`logging.log_every_n_steps`): steps that do not log leave the device queue running ahead,
+  as in a user's run; the first logged step ends the warm-up;
 * MFU: that rate x `flops_per_token` (6 x matmul parameters + causal attention, MTP included)
   over 989 TFLOP/s (H100/H200 dense bf16);
-* startup: from launching the command to the first optimizer step's metric;
+* startup: from launching the command to the end of the first optimizer step (exact on the
+  checkpoint row, which logs every step; elsewhere the first logged step minus the steady steps
+  before it);
 * checkpoint stall: the longest step that ended in a periodic save, minus the median step;
 * peak memory: `train/max_memory_gib` against `lit-deepseek summary`'s estimate for the same settings.
 
@@ -69,23 +73,26 @@ class Row:
 
 
 def default_rows() -> list[Row]:
+    """8 x 4096 tokens per step; the larger config at half the micro-batch (x2 accumulation) to fit."""
     rows = []
-    for config in ("small", "large"):
+    for config, micro_4096 in (("small", 8), ("large", 4)):
         for seq in (4096, 8192):
+            micro = micro_4096 * 4096 // seq
             for compile_ in (True, False):
-                rows.append(Row(config, seq, micro=8 * 4096 // seq, global_batch=8 * 4096 // seq, compile=compile_))
-            rows.append(Row(config, seq, micro=8 * 4096 // seq, global_batch=8 * 4096 // seq, fp8=True))
-        rows.append(Row(config, 4096, micro=2, global_batch=8))  # the config's own micro-batch, x4 accumulation
+                rows.append(Row(config, seq, micro=micro, global_batch=8 * 4096 // seq, compile=compile_))
+            rows.append(Row(config, seq, micro=micro, global_batch=8 * 4096 // seq, fp8=True))
+        rows.append(Row(config, 4096, micro=2, global_batch=8))  # the config's own micro-batch 2
     rows.append(Row("small", 4096, micro=8, global_batch=8, checkpoint_every=5))
     return rows
 
 
 # ------------------------------------------------------------------------------------ product rows
-def fit_command(row: Row, run_dir: Path, steps: int) -> list[str]:
+def fit_command(row: Row, run_dir: Path, steps: int, log_every_n_steps: int) -> list[str]:
     cmd = [sys.executable, "-m", "lit_deepseek", "fit"]
     for path in CONFIGS[row.config]:
         cmd += ["--config", str(path)]
     every = row.checkpoint_every or 10 * steps
+    log_every = 1 if row.checkpoint_every else log_every_n_steps
     cmd += ["--parallel.expert_parallel_size", "1", "--parallel.data_parallel_size", "1",
             "--trainer.devices", "1", "--trainer.accelerator", "cuda" if row.config != "demo" else "cpu",
             "--training.seq_length", str(row.seq), "--training.micro_batch_size", str(row.micro),
@@ -96,7 +103,8 @@ def fit_command(row: Row, run_dir: Path, steps: int) -> list[str]:
             "--model.mtp_depth", str(row.mtp),
             "--model.mla.max_context_length", str(max(row.seq, 8192)),
             "--checkpoint.every_n_steps", str(every), "--checkpoint.save_best", "false",
-            "--logging.run_dir", str(run_dir), "--logging.log_every_n_steps", "1",
+            "--checkpoint.save_last", str(bool(row.checkpoint_every)).lower(),
+            "--logging.run_dir", str(run_dir), "--logging.log_every_n_steps", str(log_every),
             "--logging.heatmap_every_n_steps", "0", "--logging.progress_bar", "false"]
     return cmd
 
@@ -118,7 +126,7 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
 
     run_dir = work / row.name
     work.mkdir(parents=True, exist_ok=True)
-    cmd = fit_command(row, run_dir, steps)
+    cmd = fit_command(row, run_dir, steps, warmup)
     t_launch = time.time()
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout_s)
     wall_s = time.time() - t_launch
@@ -135,14 +143,19 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
         "training.compile": row.compile, "training.precision": row.precision, "model.mtp_depth": row.mtp,
         "model.mla.max_context_length": max(row.seq, 8192)}, validate=False)
     tokens_per_step = row.global_batch * row.seq
-    timed = stamps[warmup - 1:]  # step `warmup` ends the warm-up; the rest are timed
-    step_times = [b - a for a, b in zip(timed, timed[1:], strict=False)]
-    tokens_per_s = tokens_per_step * len(step_times) / (timed[-1] - timed[0])
+    logged = [m.step for m in losses]
+    # from the first logged step on (the warm-up ends there); per-step with the checkpoint row
+    first = 0 if not row.checkpoint_every else warmup - 1
+    span_steps, span_s = logged[-1] - logged[first], stamps[-1] - stamps[first]
+    tokens_per_s = tokens_per_step * span_steps / span_s
+    step_times = [(b - a) / (sb - sa) for a, b, sa, sb in
+                  zip(stamps[first:], stamps[first + 1:], logged[first:], logged[first + 1:], strict=False)]
     out: dict[str, Any] = dataclasses.asdict(row) | {
-        "name": row.name, "steps": len(losses), "tokens_per_s": tokens_per_s,
+        "name": row.name, "steps": logged[-1] + 1, "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * cfg.flops_per_token() / PEAK_BF16,
-        "logged_mfu_median": statistics.median(m.value for m in hist["train/mfu"][warmup:]) if hist["train/mfu"] else None,
-        "startup_s": stamps[0] - t_launch, "wall_s": wall_s,
+        "logged_mfu_median": statistics.median(m.value for m in hist["train/mfu"][1:]) if len(hist["train/mfu"]) > 1 else None,
+        # exact where every step logs (the checkpoint row); else minus the steady steps before the first log
+        "startup_s": stamps[0] - t_launch - logged[0] * statistics.median(step_times), "wall_s": wall_s,
         "loss_first": losses[0].value, "loss_last": losses[-1].value,
         "peak_gib": max((m.value for m in hist["train/max_memory_gib"]), default=float("nan")),
         "estimate_gib": cfg.memory_estimate(world_size=1)["total"],

@@ -6,9 +6,9 @@ Runs on CPU as it is (two processes, expert parallelism over 2 ranks, gloo):
 
 On GPUs, set ``--accelerator cuda --devices 8`` and a layout, e.g. ``--tp 2 --pp 2 --ep 2``;
 multi-node runs start it under torchrun or SLURM (Fabric picks the cluster environment up).
-The loop is the LightningModule's step spelled out: the plan runs forward/backward over the
-micro-batches of one optimizer step, clips with the global gradient norm, and the expert-bias
-update uses the expert loads summed over the ranks that route to the same experts.
+Each iteration calls the shipped step, `lit_deepseek.training.step.train_step` (the one the
+LightningModule runs): the plan runs forward/backward over the micro-batches of one optimizer step,
+clips with the global gradient norm and steps the optimizer, whose step hook moves the expert biases.
 
 It trains on uniformly random tokens, so there is nothing to learn: the loss stays near
 ln(256) = 5.55. It shows the loop and the layouts, not learning; for real text, feed it the
@@ -26,8 +26,7 @@ import torch
 from lit_deepseek.config import DeepSeekConfig, MLAConfig, ModelConfig, MoEConfig, ParallelConfig, TrainingConfig
 from lit_deepseek.model import DeepSeekV3
 from lit_deepseek.parallel.strategy import DeepSeekFabricStrategy
-from lit_deepseek.training.loss import model_loss
-from lit_deepseek.training.optim import build_optimizer
+from lit_deepseek.training.step import build_optimizer, make_loss_fn, train_step
 
 
 def tiny_config(args: argparse.Namespace) -> DeepSeekConfig:
@@ -67,12 +66,9 @@ def main() -> None:
         model = DeepSeekV3(cfg.model)
     model.init_weights(seed=cfg.training.seed)  # identical on every rank; the plan then shards it
     model = fabric.setup_module(model)
-    optimizer = build_optimizer(plan.model_parts(model), cfg.training, plan)
+    optimizer, _ = build_optimizer(plan, model, cfg)
     optimizer = fabric.setup_optimizers(optimizer)
-
-    def loss_fn(part, h, mtp_hiddens, labels):
-        return model_loss(part.head.weight, h, mtp_hiddens, labels, cfg.model.mtp_loss_weight,
-                          cfg.training.loss_chunk_size)
+    loss_fn = make_loss_fn(cfg.model, cfg.training)
 
     t = cfg.training
     rows = t.global_batch_size // plan.data_parallel_size  # this rank's share of the global batch
@@ -83,19 +79,10 @@ def main() -> None:
         tokens = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_length + 1), generator=generator)
         mine = tokens[plan.data_parallel_rank * rows:(plan.data_parallel_rank + 1) * rows].to(fabric.device)
         batch = {"input_ids": mine[:, :-1], "labels": mine[:, 1:]}
-        parts = plan.forward_backward(model, batch, t.micro_batch_size, loss_fn, fabric.backward)
-        params = [p for part in plan.model_parts(model) for p in part.parameters()]
-        grad_norm = plan.clip_grad_norm(params, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        moes = [m for part in plan.model_parts(model) for m in part.moe_layers()]
-        if moes:
-            loads = plan.all_reduce_expert_load(torch.stack([m.expert_load.float() for m in moes]))
-            for moe, load in zip(moes, loads, strict=True):
-                moe.update_bias(load, cfg.model.moe.bias_update_speed)
-                moe.reset_stats()
-        fabric.print(f"step {step}: loss {float(parts.main):.4f}  total {float(parts.total):.4f}  "
-                     f"grad norm {float(grad_norm):.4f}")
+        result = train_step(plan, model, batch, optimizer, t, loss_fn, fabric.backward)
+        norm = "skipped (non-finite loss)" if result.skipped else f"{float(result.grad_norm):.4f}"
+        fabric.print(f"step {step}: loss {float(result.loss.main):.4f}  total {float(result.loss.total):.4f}  "
+                     f"grad norm {norm}")
     if args.checkpoint:
         fabric.save(args.checkpoint, {"model": model, "optimizer": optimizer, "step": args.steps})
         fabric.print(f"saved {args.checkpoint}")

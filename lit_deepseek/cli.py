@@ -2,7 +2,8 @@
 
 `fit`, `validate` and `test` parse `model` (with `mla`, `moe`), `parallel`, `training`, `data`,
 `checkpoint` and `logging` into the typed dataclasses of `lit_deepseek.config`, validate the whole
-config against the world size before anything expensive happens, and then build the
+config against the world size before anything expensive happens (which resolves the one `Layout`
+that the strategy then uses), and then build the
 LightningModule, DataModule, strategy, callbacks and MLflow logger from them. Lightning's own
 `trainer:` section stays available for everything else (devices, num_nodes, accelerator, ...).
 """
@@ -27,6 +28,7 @@ from lit_deepseek.config import (
     from_dict,
     validate_config,
 )
+from lit_deepseek.parallel.layout import Layout
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -36,7 +38,13 @@ for _pattern in (".*Using ModelCheckpoint with manual optimization.*", ".*sync_d
                  ".*isinstance\\(treespec, LeafSpec\\).*"):
     warnings.filterwarnings("ignore", message=_pattern)
 
-DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepspeed_config.json"
+
+def deepspeed_config() -> str:
+    """The shipped DeepSpeed config (package data; `configs/deepspeed_config.json` links to it)."""
+    from importlib.resources import files
+
+    return str(files("lit_deepseek") / "deepspeed_config.json")
+
 
 # Trainer arguments that the spec's sections decide (a value set in `trainer:` that differs from
 # Lightning's default still wins).
@@ -89,15 +97,19 @@ class LitDeepSeekCLI(LightningCLI):
         self.deepseek_config = from_dict(self._section_dict(ns))
         trainer_ns = _to_plain(ns.get("trainer")) or {}
         self.world_size = resolve_world_size(trainer_ns)
-        validate_config(self.deepseek_config, self.world_size)
-        check_strategy(self.deepseek_config, self.world_size, trainer_ns.get("strategy", "auto"))
+        self.layout = validate_config(self.deepseek_config, self.world_size)
+        check_strategy(self.deepseek_config, self.layout, trainer_ns.get("strategy", "auto"))
+        if self.deepseek_config.training.use_fp8:  # the hardware, checked here: validation probes no device
+            from lit_deepseek.kernels.fp8 import check_fp8_supported
+
+            check_fp8_supported()
         if self.subcommand == "fit":
             check_device_memory(self.deepseek_config, self.world_size, trainer_ns.get("accelerator"))
         from lit_deepseek.training.callbacks import checkpoint_dir
 
         resume_from = resolve_ckpt_path(ns.get("ckpt_path"), checkpoint_dir(self.deepseek_config))
         if (resume_from is not None and resume_from.is_file() and trainer_ns.get("strategy", "auto") in (None, "auto")
-                and (self.world_size > 1 or self.deepseek_config.parallel.model_parallel_size() > 1)):
+                and self.layout.world_size > 1):
             raise ConfigError(f"ckpt_path: {resume_from} is a one-process checkpoint (one file); parallel layouts "
                               f"resume from the folder checkpoints of multi-process runs: resume it on one process")
         if self.subcommand == "test" and self.deepseek_config.data.test_shards is None:
@@ -142,7 +154,7 @@ class LitDeepSeekCLI(LightningCLI):
             config["logger"] = False
         else:
             config["logger"] = build_mlflow_logger(lg, resume=resume)
-        strategy = build_strategy(cfg, self.world_size, config.get("strategy", "auto"),
+        strategy = build_strategy(cfg, self.layout, config.get("strategy", "auto"),
                                   resume_from=resolve_ckpt_path(ckpt_path, checkpoint_dir(cfg)))
         if strategy is not None:
             config["strategy"] = strategy
@@ -262,35 +274,30 @@ def check_device_memory(cfg: DeepSeekConfig, world_size: int, accelerator: Any) 
         raise ConfigError(problem)
 
 
-def check_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any) -> None:
+def check_strategy(cfg: DeepSeekConfig, layout: Layout, requested: Any) -> None:
     """Strategy rules that need no process group: DeepSpeed is data-parallel only; fp16 needs one process."""
-    parallel = world_size > 1 or cfg.parallel.model_parallel_size() > 1
-    if isinstance(requested, str) and requested.startswith("deepspeed") and cfg.parallel.model_parallel_size() != 1:
+    model_parallel = layout.tp * layout.pp * layout.ep > 1
+    parallel = layout.world_size > 1
+    if isinstance(requested, str) and requested.startswith("deepspeed") and model_parallel:
         raise ConfigError("trainer.strategy: DeepSpeed runs data-parallel layouts only; set "
                           "parallel.tensor_parallel_size, pipeline_parallel_size and expert_parallel_size to 1 "
                           "or leave trainer.strategy at auto")
-    if isinstance(requested, str) and requested.startswith("deepspeed") and not DEEPSPEED_CONFIG.is_file():
-        raise ConfigError(f"trainer.strategy: deepspeed uses configs/deepspeed_config.json, which is not at "
-                          f"{DEEPSPEED_CONFIG} (install the project from its source folder: pip install -e .)")
     if parallel and requested in (None, "auto") and cfg.training.precision == "16-mixed":
         raise ConfigError("training.precision: 16-mixed is not supported by the parallel strategy; use bf16-mixed")
 
 
-def build_strategy(cfg: DeepSeekConfig, world_size: int, requested: Any, resume_from: Optional[Path] = None) -> Any:
-    """Our parallel strategy whenever more than one process or any model parallelism is asked for, or when one
+def build_strategy(cfg: DeepSeekConfig, layout: Layout, requested: Any, resume_from: Optional[Path] = None) -> Any:
+    """Our parallel strategy whenever more than one process is asked for (any model parallelism is), or when one
     process resumes from a distributed checkpoint folder (which only that strategy reads)."""
-    p = cfg.parallel
     if requested == "deepspeed":
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(config=str(DEEPSPEED_CONFIG))
-    if requested not in (None, "auto"):
-        return None
-    if world_size == 1 and p.model_parallel_size() == 1 and not is_distributed_checkpoint(resume_from):
+        return DeepSpeedStrategy(config=deepspeed_config())
+    if requested not in (None, "auto") or (layout.world_size == 1 and not is_distributed_checkpoint(resume_from)):
         return None
     from lit_deepseek.parallel.strategy import DeepSeekStrategy
 
-    return DeepSeekStrategy(config=cfg)
+    return DeepSeekStrategy(config=cfg, layout=layout)
 
 
 def resolve_world_size(trainer_cfg: dict[str, Any]) -> int:
@@ -363,7 +370,7 @@ def summary_main(argv: list[str]) -> int:
         if not key.startswith("--"):
             parser.error(f"unexpected argument {key}")
         overrides[key[2:]] = yaml.safe_load(next(it, "null"))
-    cfg = load_config(*args.config, overrides=overrides, world_size=args.world_size, hardware=False)
+    cfg = load_config(*args.config, overrides=overrides, world_size=args.world_size)
     cfg.print_summary(args.world_size)
     from lit_deepseek.planner import USABLE_FRACTION, gpus_needed, parse_memory
 

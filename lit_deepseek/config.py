@@ -1,4 +1,4 @@
-"""Typed configuration: one dataclass per YAML section, loading, validation and estimates.
+"""Typed configuration: one dataclass per YAML section, loading and validation.
 
 The YAML layout is::
 
@@ -9,7 +9,10 @@ The YAML layout is::
     checkpoint: {...}
     logging: {...}
 
-Every field's docstring (the string literal under it) becomes its help text in the CLI.
+Every field's docstring (the string literal under it) becomes its help text in the CLI. Values are
+typed by jsonargparse (the CLI's parser too); the layout rules that join sections (and the world
+size) live in `lit_deepseek.parallel.layout`, the parameter / FLOP / memory estimates in
+`lit_deepseek.estimates`: the methods below that reach them are one-line delegations.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ import dataclasses
 import math
 import os
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from lit_deepseek import estimates
+
+if typing.TYPE_CHECKING:
+    from lit_deepseek.parallel.layout import Layout
 
 
 class ConfigError(ValueError):
@@ -169,20 +176,11 @@ class ParallelConfig:
     pipeline_layer_split: Optional[list[int]] = None
     """Explicit number of transformer blocks per stage (length PP x virtual stages); null = even split."""
 
-    def resolved_data_parallel_size(self, world_size: Optional[int] = None) -> int:
-        """DP with -1 resolved against world_size (1 when the world size is unknown)."""
-        if self.data_parallel_size != -1:
-            return self.data_parallel_size
-        if world_size is None:
-            return 1
-        return max(1, world_size // self.model_parallel_size())
-
-    def model_parallel_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size * self.expert_parallel_size
-
     def total_gpus(self, world_size: Optional[int] = None) -> int:
-        """TP x PP x EP x DP (DP = -1 resolved against world_size when given)."""
-        return self.model_parallel_size() * self.resolved_data_parallel_size(world_size)
+        """TP x PP x EP x DP (DP = -1 resolved against world_size when given, else 1)."""
+        from lit_deepseek.parallel.layout import layout_degrees
+
+        return math.prod(layout_degrees(self, world_size))
 
 
 @dataclass
@@ -237,17 +235,6 @@ class TrainingConfig:
     """Run validation every this many optimizer steps."""
     val_batches: int = 50
     """Micro-batches per validation run."""
-
-    def gradient_accumulation(self, data_parallel_ranks: int = 1) -> int:
-        """Micro-batches per optimizer step on each data-parallel rank."""
-        per_step = self.micro_batch_size * data_parallel_ranks
-        if self.global_batch_size % per_step:
-            raise ConfigError(
-                f"training.global_batch_size: {self.global_batch_size} must be divisible by "
-                f"training.micro_batch_size x data-parallel ranks = {self.micro_batch_size} x "
-                f"{data_parallel_ranks} = {per_step}"
-            )
-        return self.global_batch_size // per_step
 
 
 @dataclass
@@ -325,96 +312,39 @@ class DeepSeekConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    # ---------------------------------------------------------------- parameters
+    # one-line delegations: the estimates live in lit_deepseek.estimates
     def param_breakdown(self) -> dict[str, int]:
         """Parameter counts by component for the main model and the MTP modules."""
-        return _param_breakdown(self.model)
+        return estimates.param_breakdown(self.model)
 
     def total_params(self, include_mtp: bool = False) -> int:
         """All parameters of the main model (MTP modules added when include_mtp)."""
-        b = self.param_breakdown()
-        return b["main_total"] + (b["mtp_total"] if include_mtp else 0)
+        return estimates.total_params(self.model, include_mtp)
 
     def mtp_params(self) -> int:
         """Parameters of the MTP modules (embedding and head are shared, not counted)."""
-        return self.param_breakdown()["mtp_total"]
+        return estimates.param_breakdown(self.model)["mtp_total"]
 
     def active_params_per_token(self) -> int:
-        """Parameters that touch one token in the main model: everything but the
-        unselected routed experts (the embedding row lookup is not counted)."""
-        return self.param_breakdown()["main_active"]
-
-    def matmul_params_per_token(self) -> int:
-        """Active parameters used in matrix multiplies per token (main model and MTP modules):
-        the output head counts, the embedding lookup does not."""
-        m = self.model
-        b = self.param_breakdown()
-        n = b["main_active"] - b["norms"]
-        if m.mtp_depth:
-            d = m.mla.d_model
-            block = _block_params(m, moe_layer=m.num_layers > m.first_dense_layers)
-            per_module = (2 * d * d + block["attention"] + block["dense_ffn"] + block["shared_experts"]
-                          + block["router"] + block["active_routed"] + m.vocab_size * d)
-            n += m.mtp_depth * per_module
-        return n
+        """Parameters that touch one token in the main model (no embedding lookup, selected experts only)."""
+        return estimates.param_breakdown(self.model)["main_active"]
 
     def flops_per_token(self, seq_length: Optional[int] = None) -> float:
         """Training FLOPs per token: 6 x matmul parameters plus causal attention (half of full)."""
-        s = seq_length or self.training.seq_length
-        a = self.model.mla
-        layers = self.model.num_layers + self.model.mtp_depth
-        attention = 6 * layers * a.num_heads * (a.qk_head_dim + a.v_head_dim) * s / 2
-        return 6 * self.matmul_params_per_token() + attention
+        return estimates.flops_per_token(self, seq_length)
 
-    def validate(self, world_size: Optional[int] = None) -> None:
-        validate_config(self, world_size)
-
-    # ---------------------------------------------------------------- memory
     def memory_estimate(self, world_size: Optional[int] = None) -> dict[str, float]:
         """Per-GPU memory in GiB: weights, gradients, optimizer states, activations, total."""
-        return _memory_estimate(self, world_size)
+        return estimates.memory_estimate(self, world_size)
 
     def summary(self, world_size: Optional[int] = None) -> str:
-        m, p = self.model, self.parallel
-        b = self.param_breakdown()
-        mem = self.memory_estimate(world_size)
-        dp = p.resolved_data_parallel_size(world_size)
-        lines = [
-            "DeepSeek-V3 configuration",
-            f"  layers {m.num_layers} (first {m.first_dense_layers} dense), d_model {m.mla.d_model}, "
-            f"heads {m.mla.num_heads}, vocab {m.vocab_size}",
-            f"  MLA: q latent {m.mla.d_q_latent}, kv latent {m.mla.d_latent}, head dims nope/rope/v "
-            f"{m.mla.qk_nope_head_dim}/{m.mla.qk_rope_head_dim}/{m.mla.v_head_dim}, "
-            f"context {m.mla.max_context_length}",
-            f"  MoE: {m.moe.num_experts} routed + {m.moe.num_shared_experts} shared experts, "
-            f"top-{m.moe.num_experts_per_token}, FFN {m.moe.expert_intermediate_size}, "
-            f"groups {m.moe.num_expert_groups}/{m.moe.num_limited_groups}, {m.moe.score_function}",
-            f"  MTP depth {m.mtp_depth} (loss weight {m.mtp_loss_weight})",
-            "Parameters",
-            f"  embedding        {_fmt(b['embedding'])}",
-            f"  attention        {_fmt(b['attention'])}",
-            f"  dense FFN        {_fmt(b['dense_ffn'])}",
-            f"  shared experts   {_fmt(b['shared_experts'])}",
-            f"  routed experts   {_fmt(b['routed_experts'])}",
-            f"  routers          {_fmt(b['router'])}",
-            f"  norms            {_fmt(b['norms'])}",
-            f"  output head      {_fmt(b['head'])}",
-            f"  total (main)     {_fmt(b['main_total'])}",
-            f"  active per token {_fmt(b['main_active'])}",
-            f"  MTP modules      {_fmt(b['mtp_total'])} (shown separately)",
-            "Parallel layout",
-            f"  TP {p.tensor_parallel_size} x PP {p.pipeline_parallel_size} x EP {p.expert_parallel_size}"
-            f" x DP {dp} = {p.total_gpus(world_size)} GPUs, ZeRO-{p.zero_stage}",
-            f"Estimated memory per GPU (GiB, {self.training.precision}, micro batch "
-            f"{self.training.micro_batch_size} x {self.training.seq_length}, "
-            f"checkpointing {self.training.activation_checkpointing})",
-        ]
-        for k in ("weights", "gradients", "optimizer", "activations", "total"):
-            lines.append(f"  {k:<16} {mem[k]:.1f}")
-        return "\n".join(lines)
+        return estimates.summary(self, world_size)
 
     def print_summary(self, world_size: Optional[int] = None) -> None:
         print(self.summary(world_size))
+
+    def validate(self, world_size: Optional[int] = None) -> Layout:
+        return validate_config(self, world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -424,167 +354,15 @@ class DeepSeekConfig:
         return self.data.cache_dir or str(Path(self.logging.run_dir) / "data")
 
 
-def _fmt(n: float) -> str:
-    if n >= 1e9:
-        return f"{n / 1e9:8.2f}B"
-    if n >= 1e6:
-        return f"{n / 1e6:8.2f}M"
-    return f"{n / 1e3:8.2f}K"
-
-
-# --------------------------------------------------------------------------------------------
-# Parameter counting
-# --------------------------------------------------------------------------------------------
-
-
-def _attention_params(mla: MLAConfig) -> int:
-    d, h = mla.d_model, mla.num_heads
-    if mla.d_q_latent > 0:
-        q = d * mla.d_q_latent + mla.d_q_latent + mla.d_q_latent * h * mla.qk_head_dim
-    else:
-        q = d * h * mla.qk_head_dim
-    kv = d * (mla.d_latent + mla.qk_rope_head_dim) + mla.d_latent
-    kv += mla.d_latent * h * (mla.qk_nope_head_dim + mla.v_head_dim)
-    out = h * mla.v_head_dim * d
-    return q + kv + out
-
-
-def _block_params(m: ModelConfig, moe_layer: bool) -> dict[str, int]:
-    d = m.mla.d_model
-    per_expert = 3 * d * m.moe.expert_intermediate_size
-    out = {"attention": _attention_params(m.mla), "norms": 2 * d, "dense_ffn": 0,
-           "shared_experts": 0, "routed_experts": 0, "router": 0, "active_routed": 0}
-    if moe_layer:
-        out["shared_experts"] = m.moe.num_shared_experts * per_expert
-        out["routed_experts"] = m.moe.num_experts * per_expert
-        out["router"] = m.moe.num_experts * d + m.moe.num_experts  # weight + bias buffer
-        out["active_routed"] = m.moe.num_experts_per_token * per_expert
-    else:
-        out["dense_ffn"] = 3 * d * m.dense_intermediate_size
-    return out
-
-
-def _param_breakdown(m: ModelConfig) -> dict[str, int]:
-    d, v = m.mla.d_model, m.vocab_size
-    keys = ("attention", "norms", "dense_ffn", "shared_experts", "routed_experts", "router", "active_routed")
-    acc = dict.fromkeys(keys, 0)
-    for i in range(m.num_layers):
-        for k, n in _block_params(m, i >= m.first_dense_layers).items():
-            acc[k] += n
-    embedding = v * d
-    head = 0 if m.tie_word_embeddings else v * d
-    norms = acc["norms"] + d  # final norm
-    main_total = (embedding + head + norms + acc["attention"] + acc["dense_ffn"]
-                  + acc["shared_experts"] + acc["routed_experts"] + acc["router"])
-    main_active = main_total - embedding - acc["routed_experts"] + acc["active_routed"]
-    mtp_total = 0
-    if m.mtp_depth:
-        block = _block_params(m, moe_layer=m.num_layers > m.first_dense_layers)
-        per_module = (2 * d + 2 * d * d + d  # enorm, hnorm, eh_proj, final norm of the module
-                      + sum(n for k, n in block.items() if k != "active_routed"))
-        mtp_total = m.mtp_depth * per_module
-    return {
-        "embedding": embedding, "head": head, "norms": norms, "attention": acc["attention"],
-        "dense_ffn": acc["dense_ffn"], "shared_experts": acc["shared_experts"],
-        "routed_experts": acc["routed_experts"], "router": acc["router"],
-        "main_total": main_total, "main_active": main_active, "mtp_total": mtp_total,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Memory estimate
-# --------------------------------------------------------------------------------------------
-
-_GIB = 1024**3
-
-
-def _memory_estimate(cfg: DeepSeekConfig, world_size: Optional[int]) -> dict[str, float]:
-    m, p, t = cfg.model, cfg.parallel, cfg.training
-    b = _param_breakdown(m)
-    tp, pp, ep = p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size
-    dp = p.resolved_data_parallel_size(world_size)
-    experts = b["routed_experts"] + (b["mtp_total"] and _block_params(m, True)["routed_experts"] * m.mtp_depth)
-    dense = b["main_total"] + b["mtp_total"] - experts
-    # Per GPU: dense weights split by TP and stages; experts by EP and stages.
-    dense_local = dense / (tp * pp)
-    expert_local = experts / (ep * pp)
-    master_bytes = 2 if t.precision == "bf16-true" else 4
-    dense_dp, expert_dp = dp * ep, dp  # replicas that ZeRO shards over
-    weights = (dense_local / (dense_dp if p.zero_stage >= 3 else 1)
-               + expert_local / (expert_dp if p.zero_stage >= 3 else 1)) * master_bytes
-    grads = (dense_local / (dense_dp if p.zero_stage >= 2 else 1)
-             + expert_local / (expert_dp if p.zero_stage >= 2 else 1)) * master_bytes
-    optimizer = (dense_local / (dense_dp if p.zero_stage >= 1 else 1)
-                 + expert_local / (expert_dp if p.zero_stage >= 1 else 1)) * 2 * master_bytes
-    activations = _activation_bytes(cfg) / tp
-    total = weights + grads + optimizer + activations
-    return {k: v / _GIB for k, v in dict(weights=weights, gradients=grads, optimizer=optimizer,
-                                         activations=activations, total=total).items()}
-
-
-def _activation_bytes(cfg: DeepSeekConfig) -> float:
-    """Bytes kept for backward by one micro-batch on one pipeline stage, plus the loss's buffers.
-
-    Counts the tensors the eager training path saves per token (measured against an H200 run of
-    benchmarks/bench_train.py: within +10% of the peak for the small config at 4096 and 8192): each
-    RMSNorm keeps its float32 copy, the normed value and its output; attention keeps the projected
-    queries, the latents, the decompressed keys/values, the concatenated q and k, the output and the
-    log-sum-exp; an MoE layer keeps the router's float32 input, the k sorted copies and their
-    weighted outputs, and four SwiGLU tensors (gate, up, silu, product) per routed copy and per
-    shared expert. A torch.compile'd model keeps about a quarter less (pointwise ops recomputed).
-    """
-    m, t, p = cfg.model, cfg.training, cfg.parallel
-    a, e = m.mla, m.moe
-    tokens = t.micro_batch_size * t.seq_length
-    act = 4 if t.precision == "32-true" else 2
-    f32 = 4
-    d, h, k = a.d_model, a.num_heads, e.num_experts_per_token
-
-    def norm(width: int) -> int:
-        return width * (f32 + 2 * act)
-
-    attn = (norm(d) + (norm(a.d_q_latent) if a.d_q_latent > 0 else 0) + act * h * a.qk_head_dim
-            + norm(a.d_latent) + act * (a.d_latent + a.qk_rope_head_dim)
-            + act * h * (a.qk_nope_head_dim + a.v_head_dim)
-            + 2 * act * h * a.qk_head_dim + act * h * a.v_head_dim + f32 * h)
-    routed = 4 * act * k * e.expert_intermediate_size
-    shared = 4 * act * e.num_shared_experts * e.expert_intermediate_size
-    moe_layer = norm(d) + f32 * d + 2 * act * k * d + routed + shared + 3 * f32 * e.num_experts
-    dense_layer = norm(d) + 4 * act * m.dense_intermediate_size
-    layers = m.num_layers + m.mtp_depth
-    per_stage_layers = math.ceil(layers / p.pipeline_parallel_size)
-    n_dense = min(m.first_dense_layers, per_stage_layers)
-    n_moe = per_stage_layers - n_dense
-    # MTP: two input norms and the concatenation; final norm and the fused loss's hidden-state gradient
-    mtp_extra = m.mtp_depth * (3 * norm(d) + 2 * act * d) if p.pipeline_parallel_size == 1 else 0
-    outside = norm(d) + act * d
-    per_token = attn * per_stage_layers + moe_layer * n_moe + dense_layer * n_dense + mtp_extra + outside
-    if t.compile:
-        # measured on an H200 (benchmarks/RESULTS.md): compiled blocks keep 0.74x of the eager
-        # path's saved tensors across the small and large shapes (pointwise ops are recomputed)
-        attn, moe_layer, dense_layer = 0.74 * attn, 0.74 * moe_layer, 0.74 * dense_layer
-        per_token = attn * per_stage_layers + moe_layer * n_moe + dense_layer * n_dense + mtp_extra + outside
-    if t.activation_checkpointing == "full":
-        per_token = per_stage_layers * act * d + attn + moe_layer + outside
-    elif t.activation_checkpointing == "selective":
-        per_token -= n_moe * routed
-    # Pipeline schedules keep up to PP micro-batches in flight on the first stage.
-    in_flight = min(p.pipeline_parallel_size, max(1, t.global_batch_size // t.micro_batch_size))
-    chunk = min(t.loss_chunk_size, tokens)
-    # one chunk's float32 logits and softmax and its bf16 gradient; the head's float32 gradient
-    loss = chunk * m.vocab_size * (f32 + f32 + act) + m.vocab_size * d * f32
-    return per_token * tokens * in_flight + loss
-
-
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
 
 
-def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None, hardware: bool = True) -> None:
-    """Raise ConfigError (one line: field and rule) for the first impossible setting.
-
-    `hardware=False` skips the checks against this machine's devices (FP8 support), for planning elsewhere."""
+def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> Layout:
+    """Raise ConfigError (one line: field and rule) for the first impossible setting; returns the
+    resolved layout (see `lit_deepseek.parallel.layout.resolve_layout`; without a world size,
+    DP = -1 counts as 1 and the world-size rules are skipped)."""
     m, a, e, p, t = cfg.model, cfg.model.mla, cfg.model.moe, cfg.parallel, cfg.training
 
     def need(cond: bool, msg: str) -> None:
@@ -628,9 +406,6 @@ def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None, hardw
              f"rope_factor = {a.rope_original_context_length} x {a.rope_factor:g}")
     need(t.seq_length <= a.max_context_length,
          f"training.seq_length: {t.seq_length} exceeds model.mla.max_context_length ({a.max_context_length})")
-    need(t.global_batch_size % t.micro_batch_size == 0,
-         f"training.global_batch_size: {t.global_batch_size} must be divisible by training.micro_batch_size "
-         f"({t.micro_batch_size})")
     need(t.lr_warmup_steps >= 0, f"training.lr_warmup_steps: must be >= 0, got {t.lr_warmup_steps}")
     need(t.min_learning_rate <= t.learning_rate,
          f"training.min_learning_rate: {t.min_learning_rate} must not exceed training.learning_rate ({t.learning_rate})")
@@ -641,63 +416,9 @@ def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None, hardw
         need(value >= 1, f"parallel.{name}: must be >= 1, got {value}")
     need(p.data_parallel_size == -1 or p.data_parallel_size >= 1,
          f"parallel.data_parallel_size: must be >= 1 or -1 (auto), got {p.data_parallel_size}")
-    tp, pp, ep, vpp = p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size, p.virtual_pipeline_stages
-    need(a.num_heads % tp == 0,
-         f"parallel.tensor_parallel_size: model.mla.num_heads ({a.num_heads}) must be divisible by TP ({tp})")
-    if tp > 1 and p.sequence_parallel:
-        need(t.seq_length % tp == 0, f"training.seq_length: {t.seq_length} must be divisible by TP ({tp}) under "
-                                     f"parallel.sequence_parallel")
-    need(e.num_experts % ep == 0,
-         f"parallel.expert_parallel_size: model.moe.num_experts ({e.num_experts}) must be divisible by EP ({ep})")
-    if p.pipeline_schedule in ("zbv", "dualpipev"):
-        need(vpp == 2, f"parallel.virtual_pipeline_stages: schedule {p.pipeline_schedule} needs exactly 2 stages per rank, got {vpp}")
-    if p.pipeline_schedule == "interleaved_1f1b":
-        need(vpp >= 2, f"parallel.virtual_pipeline_stages: interleaved_1f1b needs >= 2 stages per rank, got {vpp}")
-    if p.pipeline_schedule in ("1f1b", "gpipe"):
-        need(vpp == 1, f"parallel.virtual_pipeline_stages: schedule {p.pipeline_schedule} takes 1 stage per rank, got {vpp}")
-    stages = pp * vpp
-    if p.pipeline_layer_split is not None:
-        need(len(p.pipeline_layer_split) == stages,
-             f"parallel.pipeline_layer_split: needs {stages} entries (PP x virtual stages), got {len(p.pipeline_layer_split)}")
-        need(sum(p.pipeline_layer_split) == m.num_layers and min(p.pipeline_layer_split) >= 0,
-             f"parallel.pipeline_layer_split: entries must be >= 0 and sum to model.num_layers ({m.num_layers})")
-    elif pp > 1:
-        need(m.num_layers >= stages,
-             f"parallel.pipeline_parallel_size: model.num_layers ({m.num_layers}) is fewer than PP x virtual stages ({stages})")
-        need(m.num_layers % stages == 0,
-             f"parallel.pipeline_parallel_size: model.num_layers ({m.num_layers}) must be divisible by PP x virtual "
-             f"stages ({stages}), or set parallel.pipeline_layer_split")
-    if world_size is not None:
-        mp = p.model_parallel_size()
-        if p.data_parallel_size == -1:
-            need(world_size % mp == 0,
-                 f"parallel: world size {world_size} is not divisible by TP x PP x EP = {tp} x {pp} x {ep} = {mp}")
-        else:
-            total = p.total_gpus()
-            need(total == world_size,
-                 f"parallel: TP x PP x EP x DP = {tp} x {pp} x {ep} x {p.data_parallel_size} = {total} "
-                 f"but the world size is {world_size} (trainer.devices x trainer.num_nodes)")
-        dp = p.resolved_data_parallel_size(world_size)
-        t.gradient_accumulation(dp * ep)
-        if pp > 1 and p.pipeline_schedule != "gpipe":
-            n_micro = t.gradient_accumulation(dp * ep)
-            need(n_micro >= pp, f"training.global_batch_size: pipeline schedule {p.pipeline_schedule} needs at least "
-                                f"PP ({pp}) micro-batches per step on each data-parallel rank, got {n_micro}")
-            if p.pipeline_schedule == "interleaved_1f1b":
-                need(n_micro % pp == 0, f"training.global_batch_size: interleaved_1f1b needs the micro-batch count "
-                                        f"({n_micro}) to be a multiple of PP ({pp})")
-    if t.use_fp8 and hardware:
-        _check_fp8_available()
+    from lit_deepseek.parallel.layout import resolve_layout
 
-
-def _check_fp8_available() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("training.use_fp8: FP8 training needs a CUDA GPU with compute capability >= 8.9; none is available")
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        raise ConfigError(f"training.use_fp8: FP8 training needs compute capability >= 8.9, this GPU has {major}.{minor}")
+    return resolve_layout(cfg, world_size)  # the rules that join sections and the world size
 
 
 # --------------------------------------------------------------------------------------------
@@ -732,10 +453,8 @@ def read_yaml(path: Union[str, os.PathLike]) -> dict:
 
 
 def load_config(*paths: Union[str, os.PathLike], overrides: Optional[dict] = None,
-                validate: bool = True, world_size: Optional[int] = None, hardware: bool = True) -> DeepSeekConfig:
-    """Load one or more YAML files (later ones override earlier ones), then dotted overrides.
-
-    `hardware=False` validates without checking this machine's devices (for `summary` and `plan`)."""
+                validate: bool = True, world_size: Optional[int] = None) -> DeepSeekConfig:
+    """Load one or more YAML files (later ones override earlier ones), then dotted overrides."""
     data: dict = {}
     for path in paths:
         data = deep_merge(data, read_yaml(path))
@@ -748,89 +467,54 @@ def load_config(*paths: Union[str, os.PathLike], overrides: Optional[dict] = Non
     data.pop("trainer", None)  # Lightning's own section, handled by the CLI
     cfg = from_dict(data)
     if validate:
-        validate_config(cfg, world_size, hardware=hardware)
+        cfg.validate(world_size)
     return cfg
 
 
 def from_dict(data: dict) -> DeepSeekConfig:
-    """Build a DeepSeekConfig from nested dicts, rejecting unknown keys and wrong types."""
-    return _build(DeepSeekConfig, data, "")
+    """Build a DeepSeekConfig from nested dicts; jsonargparse checks keys and types (as in the CLI)."""
+    from jsonargparse import ArgumentParser
 
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+        raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
     for key in data:
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+        if key not in SECTIONS:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
+    parser = ArgumentParser(exit_on_error=False)
+    for name, cls in SECTIONS.items():
+        parser.add_class_arguments(cls, name)
+    try:
+        ns = parser.parse_object(data)
+    except Exception as exc:  # jsonargparse's ArgumentError and its subclasses
+        raise ConfigError(_one_line(str(exc))) from None
+    return _instantiate(DeepSeekConfig, ns.as_dict())
+
+
+def _instantiate(cls: type, values: dict) -> Any:
+    """A (nested) config dataclass from values jsonargparse has already checked."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            value = values[f.name]
+            nested = typing.get_type_hints(cls)[f.name]
+            kwargs[f.name] = _instantiate(nested, value or {}) if dataclasses.is_dataclass(nested) else value
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, name + ".")
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, name)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    return value
+def _one_line(message: str) -> str:
+    """jsonargparse's report as one line: 'section.key: rule'."""
+    import re
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal under each field) of a config dataclass."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
-    return docs
+    unknown = re.search(r"Group '([\w.]+)' does not accept (?:nested key|option)s? '([\w.]+)'", message)
+    if unknown:
+        return f"{unknown.group(1)}.{unknown.group(2)}: unknown key"
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
+    key = re.search(r'Parser key "([\w.]+)"', message)
+    if not key:
+        return " ".join(lines)
+    reason = next((line for line in lines[1:] if line.startswith("Expected")), lines[1] if len(lines) > 1 else "invalid")
+    reason = re.sub(r"<class '(\w+)'>", r"\1", reason).replace("Expected a ", "expected ")
+    return f"{key.group(1)}: {reason}"
 
 
 if __name__ == "__main__":  # pragma: no cover

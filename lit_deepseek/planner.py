@@ -90,10 +90,11 @@ def parse_memory(text: str) -> float:
 
 def layout_of(cfg: DeepSeekConfig, world_size: int) -> Layout:
     """The layout a config asks for on `world_size` GPUs."""
+    from lit_deepseek.parallel.layout import layout_degrees
+
     p, t = cfg.parallel, cfg.training
-    return Layout(p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size,
-                  p.resolved_data_parallel_size(world_size), p.zero_stage, t.activation_checkpointing,
-                  t.micro_batch_size)
+    tp, pp, ep, dp = layout_degrees(p, world_size)
+    return Layout(tp, pp, ep, dp, p.zero_stage, t.activation_checkpointing, t.micro_batch_size)
 
 
 def with_layout(cfg: DeepSeekConfig, layout: Layout) -> DeepSeekConfig:
@@ -194,7 +195,7 @@ def estimate(cfg: DeepSeekConfig, layout: Layout, gpus_per_node: int = 8) -> Can
 
 def is_valid(cfg: DeepSeekConfig, layout: Layout) -> bool:
     try:
-        validate_config(with_layout(cfg, layout), layout.gpus, hardware=False)
+        validate_config(with_layout(cfg, layout), layout.gpus)
     except ConfigError:
         return False
     return True
@@ -287,7 +288,7 @@ def format_plan(cfg: DeepSeekConfig, gpus: int, gpu_memory_gib: float, top: int 
              f"{peak:g} TFLOP/s peak at {MATMUL_EFFICIENCY:.0%}"]
     try:
         own = layout_of(cfg, gpus)
-        validate_config(cfg, gpus, hardware=False)
+        validate_config(cfg, gpus)
         mine = estimate(cfg, own, gpus_per_node)
         verdict = "fits" if mine.memory_gib <= usable else "does NOT fit"
         lines.append(f"config's layout: {own.describe()}: {mine.memory_gib:.1f} GiB/GPU, "
@@ -338,7 +339,7 @@ def plan_main(argv: list[str]) -> int:
         if not key.startswith("--"):
             parser.error(f"unexpected argument {key}")
         overrides[key[2:]] = yaml.safe_load(next(it, "null"))
-    cfg = load_config(*args.config, overrides=overrides, hardware=False)
+    cfg = load_config(*args.config, overrides=overrides)
     print(format_plan(cfg, args.gpus, parse_memory(args.gpu_memory), top=args.top, gpus_per_node=args.gpus_per_node,
                       name=" + ".join(args.config)))
     return 0

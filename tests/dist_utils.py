@@ -104,7 +104,8 @@ def tiny_run_config(parallel: dict | None = None, model: dict | None = None, ste
 
     from lit_deepseek.config import DeepSeekConfig, ParallelConfig, TrainingConfig
 
-    mcfg = tiny_model_config(**(model or {}))
+    # a bias step large enough that the aux-loss-free update changes routing within a few steps
+    mcfg = tiny_model_config(**{"moe.bias_update_speed": 0.01, **(model or {})})
     tcfg = TrainingConfig(global_batch_size=steps_batch, micro_batch_size=micro_batch_size, learning_rate=1e-3,
                           min_learning_rate=1e-3, lr_warmup_steps=0, lr_schedule="constant", grad_clip=0.5,
                           weight_decay=0.1, seq_length=seq_length, precision="32-true", loss_chunk_size=24)
@@ -122,52 +123,36 @@ def step_batches(cfg: Any, steps: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def _loss_fn(cfg: Any) -> Callable:
-    from lit_deepseek.training.loss import model_loss
+def train_steps(cfg: Any, plan: Any, steps: int, first_step: int = 0, load_from: str | None = None,
+                save_to: str | None = None) -> tuple[list, Any]:
+    """The shipped training step (`lit_deepseek.training.step.train_step`) over the fixed batches.
 
-    def loss_fn(model: Any, h: Any, mtp: list, labels: Any) -> Any:
-        return model_loss(model.head.weight, h, mtp, labels, cfg.model.mtp_loss_weight, cfg.training.loss_chunk_size)
-
-    return loss_fn
-
-
-def train_steps(cfg: Any, plan: Any, steps: int, data_rank: int = 0, data_size: int = 1,
-                first_step: int = 0, load_from: str | None = None, save_to: str | None = None) -> tuple[list, Any]:
-    """The LightningModule's step, spelled out: forward/backward, clip, AdamW, expert-bias update.
-
-    Runs steps [first_step, steps) of the fixed batch sequence, optionally resuming from and/or
-    saving a distributed checkpoint. Returns (per-step [total, main, mtp, grad_norm], the model).
+    Runs steps [first_step, steps) of the fixed batch sequence on this rank's data slice, optionally
+    resuming from and/or saving a distributed checkpoint. Returns (per-step [total, main, mtp,
+    grad_norm], the model).
     """
     from lit_deepseek.model import DeepSeekV3
     from lit_deepseek.parallel.checkpoint import load_checkpoint, save_checkpoint
-    from lit_deepseek.training.optim import build_optimizer
+    from lit_deepseek.training.step import build_optimizer, make_loss_fn, train_step
 
     torch.manual_seed(0)
     model = DeepSeekV3(cfg.model)
     model.init_weights(seed=cfg.training.seed)
-    model = plan.parallelize(model)
+    model = plan.parallelize(model, cfg)
     parts = plan.model_parts(model)
-    optimizer = build_optimizer(parts, cfg.training, plan)
-    loss_fn = _loss_fn(cfg)
+    optimizer, _ = build_optimizer(plan, model, cfg)
+    loss_fn = make_loss_fn(cfg.model, cfg.training)
     if load_from:
         extra = load_checkpoint(load_from, parts, optimizer, plan)
         assert extra == {"step": first_step}, extra
     history = []
+    rank, size = plan.data_parallel_rank, plan.data_parallel_size
     for batch in step_batches(cfg, steps)[first_step:]:
-        rows = batch["input_ids"].shape[0] // data_size
-        local = {k: v[data_rank * rows:(data_rank + 1) * rows] for k, v in batch.items()}
-        out = plan.forward_backward(model, local, cfg.training.micro_batch_size, loss_fn)
-        params = [p for part in parts for p in part.parameters()]
-        norm = plan.clip_grad_norm(params, cfg.training.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        moes = [m for part in parts for m in (part.moe_layers() if hasattr(part, "moe_layers") else [])]
-        if moes:
-            loads = plan.all_reduce_expert_load(torch.stack([m.expert_load.float() for m in moes]))
-            for moe, load in zip(moes, loads, strict=True):
-                moe.update_bias(load, 0.01)
-                moe.reset_stats()
-        history.append([float(out.total), float(out.main), float(out.mtp or 0.0), float(norm)])
+        rows = batch["input_ids"].shape[0] // size
+        local = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
+        result = train_step(plan, model, local, optimizer, cfg.training, loss_fn)
+        out = result.loss
+        history.append([float(out.total), float(out.main), float(out.mtp or 0.0), float(result.grad_norm)])
     if save_to:
         save_checkpoint(save_to, parts, optimizer, plan, extra={"step": steps})
     return history, model
@@ -180,6 +165,8 @@ def full_weights(plan: Any, model: Any) -> dict[str, Tensor]:
     """
     from torch.distributed.tensor import DTensor
 
+    from lit_deepseek.parallel.plan import DistributedPlan
+
     parts = plan.model_parts(model)
     out: dict[str, Tensor] = {}
     for part in parts:
@@ -188,7 +175,7 @@ def full_weights(plan: Any, model: Any) -> dict[str, Tensor]:
                 continue
             full = t.full_tensor() if isinstance(t, DTensor) else t
             full = full.detach().clone()
-            if ".experts." in f".{name}" and getattr(plan, "layout", None) is not None and plan.layout.ep > 1:
+            if ".experts." in f".{name}" and isinstance(plan, DistributedPlan) and plan.layout.ep > 1:
                 pieces = [torch.empty_like(full) for _ in range(plan.layout.ep)]
                 dist.all_gather(pieces, full.contiguous(), group=plan.ep_group)
                 full = torch.cat(pieces)
@@ -210,13 +197,12 @@ def reference_run(cfg: Any, steps: int, **kwargs: Any) -> tuple[list, dict[str, 
 def distributed_run(rank: int, world_size: int, cfg: Any, steps: int, kwargs: dict | None = None
                     ) -> tuple[list, dict[str, Tensor], dict]:
     """One rank of a layout run: returns (history, full weights held here, mesh coordinate)."""
-    from lit_deepseek.parallel.mesh import build_mesh
     from lit_deepseek.parallel.plan import DistributedPlan
 
-    cfg.validate(world_size)
-    mesh = build_mesh(cfg.parallel, world_size, "cpu")
-    plan = DistributedPlan(cfg, mesh)
-    history, model = train_steps(cfg, plan, steps, plan.data_parallel_rank, plan.data_parallel_size, **(kwargs or {}))
+    layout = cfg.validate(world_size)
+    layout.build_mesh("cpu")
+    plan = DistributedPlan(layout)
+    history, model = train_steps(cfg, plan, steps, **(kwargs or {}))
     return history, full_weights(plan, model), plan.coordinate
 
 

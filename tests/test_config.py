@@ -13,7 +13,6 @@ from lit_deepseek.config import (
     ModelConfig,
     ParallelConfig,
     TrainingConfig,
-    field_docs,
     load_config,
     validate_config,
 )
@@ -92,6 +91,20 @@ def test_memory_estimate_shrinks_with_zero_and_parallelism() -> None:
         assert mem["total"] == pytest.approx(mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"])
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string literal under each field) of a config dataclass."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    return docs
+
+
 def test_every_field_has_a_docstring() -> None:
     from lit_deepseek import config as c
 
@@ -146,11 +159,14 @@ def test_bad_config_is_one_clear_line(overrides: dict, world_size: int, needle: 
     assert "\n" not in message
 
 
-def test_gradient_accumulation() -> None:
-    t = TrainingConfig(global_batch_size=64, micro_batch_size=2)
-    assert t.gradient_accumulation(4) == 8
-    with pytest.raises(ConfigError, match="training.global_batch_size"):
-        t.gradient_accumulation(3)
+def test_gradient_accumulation_comes_from_the_layout() -> None:
+    cfg = DeepSeekConfig(training=TrainingConfig(global_batch_size=64, micro_batch_size=2),
+                         parallel=ParallelConfig(expert_parallel_size=2))
+    layout = validate_config(cfg, world_size=4)  # DP 2 x EP 2 data-parallel ranks
+    assert (layout.data_parallel_size, layout.accumulation_steps) == (4, 8)
+    with pytest.raises(ConfigError, match="training.global_batch_size: 64 must be divisible") as err:
+        validate_config(cfg, world_size=6)  # DP 3 x EP 2
+    assert "\n" not in str(err.value)
 
 
 def test_model_config_defaults_are_the_small_shape() -> None:

@@ -207,14 +207,15 @@ def test_data_parallel_slices_tile_the_global_batch(shards: tuple[Path, list[str
         make_dm(folder, micro=2, global_batch=8, dp=(0, 3))
 
 
-def test_data_parallel_layout_comes_from_the_strategy_plan(shards: tuple[Path, list[str]]) -> None:
+def test_data_parallel_slice_from_the_strategy_overrides_the_trainer(shards: tuple[Path, list[str]]) -> None:
     from types import SimpleNamespace
 
     folder, _ = shards
     dm = make_dm(folder, dp=None, batch_per_step=True)
     assert dm.data_parallel == (0, 1)
-    plan = SimpleNamespace(data_parallel_rank=1, data_parallel_size=2)  # what the parallel strategy exposes
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(plan=plan), global_rank=5, world_size=8, global_step=0)
+    dm.trainer = SimpleNamespace(global_rank=5, world_size=8, global_step=0)
+    assert dm.data_parallel == (5, 8)  # plain data parallelism: every process reads its own slice
+    dm.set_data_parallel(1, 2)  # what the parallel strategy calls with its layout's dp_ep coordinates
     assert dm.data_parallel == (1, 2) and dm.accumulation_steps == 2
     step = items(dm, 1)[0]["input_ids"]
     assert torch.equal(step, global_batches(folder, 1, steps=1)[0][4:])  # rank 1's half of the global batch

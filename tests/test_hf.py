@@ -14,17 +14,17 @@ from conftest import tiny_model_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lit_deepseek.checkpoint.hf import hf_to_native
-from lit_deepseek.config import DeepSeekConfig
-from lit_deepseek.hf import (
+from lit_deepseek.checkpoint.hf import (
     CheckpointError,
     convert,
+    hf_to_native,
     load_hf_model,
     load_native_model,
     model_config_from_hf,
     model_config_to_hf,
     save_hf_model,
 )
+from lit_deepseek.config import DeepSeekConfig
 from lit_deepseek.model import DeepSeekV3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ _RSS_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     from conftest import tiny_model_config
-    from lit_deepseek.hf import convert
+    from lit_deepseek.checkpoint.hf import convert
     from lit_deepseek.model import DeepSeekV3
 
     def status(key):

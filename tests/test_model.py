@@ -383,7 +383,7 @@ PARITY_CASES = {
 @pytest.mark.parametrize("case", list(PARITY_CASES))
 def test_logits_match_transformers(case, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from lit_deepseek.hf import save_hf_model
+    from lit_deepseek.checkpoint.hf import save_hf_model
 
     overrides, model_type = PARITY_CASES[case]
     cfg = tiny_model_config(init_std=0.1, **overrides)  # larger weights: decisive routing, visible errors

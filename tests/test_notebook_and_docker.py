@@ -51,3 +51,26 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert f"\n{test_command}\n" in readme
     assert any(line.startswith("python3 -m pip install -q torch==2.13.0") for line in ci)
     assert "lit-deepseek fit --config configs/cpu_demo.yaml" in readme
+
+
+def test_wheel_ships_the_deepspeed_config(tmp_path: Path) -> None:
+    """A wheel install finds deepspeed_config.json as package data (configs/ links to the same file)."""
+    import json
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "lit_deepseek", src / "lit_deepseek", ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
+                           "-w", str(tmp_path / "whl")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "whl").glob("lit_deepseek-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = json.loads(z.read("lit_deepseek/deepspeed_config.json"))
+    assert shipped == json.loads((ROOT / "configs" / "deepspeed_config.json").read_text())
+    from lit_deepseek.cli import deepspeed_config
+
+    assert json.loads(Path(deepspeed_config()).read_text()) == shipped

@@ -34,8 +34,8 @@ def test_every_config_has_its_sized_overrides_and_no_override_is_orphaned() -> N
 
 @pytest.mark.parametrize("config,override", _pairs(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_override_stacks_validates_and_summarises(config: Path, override: Path) -> None:
-    plain = load_config(config, hardware=False)
-    cfg = load_config(config, override, hardware=False)
+    plain = load_config(config)
+    cfg = load_config(config, override)
     text = cfg.summary()
     assert "Parameters" in text and "Estimated memory per GPU" in text
     if override.name == "max_quality.yaml":

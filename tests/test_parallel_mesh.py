@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed, tiny_run_config
 
-from lit_deepseek.config import ConfigError
+from lit_deepseek.config import ConfigError, validate_config
 from lit_deepseek.model.dispatch import LocalDispatcher
 from lit_deepseek.parallel.expert import AllToAllDispatcher, make_dispatcher
-from lit_deepseek.parallel.mesh import Layout, validate_layout
+from lit_deepseek.parallel.layout import Layout
 
 # --------------------------------------------------------------------------------------------
 # Bad input: rejected before any process group exists
@@ -40,7 +40,7 @@ BAD_LAYOUTS = [
 def test_bad_layout_is_rejected_before_any_process_group(overrides: dict, world_size: int, message: str) -> None:
     cfg = tiny_run_config(parallel=overrides.get("parallel"), model=overrides.get("model"))
     with pytest.raises(ConfigError) as info:
-        validate_layout(cfg, world_size)
+        validate_config(cfg, world_size)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
     assert not dist.is_initialized()
@@ -48,9 +48,10 @@ def test_bad_layout_is_rejected_before_any_process_group(overrides: dict, world_
 
 def test_data_parallel_minus_one_takes_what_is_left() -> None:
     cfg = tiny_run_config(parallel={"tensor_parallel_size": 2, "expert_parallel_size": 2})
-    layout = validate_layout(cfg, 8)
-    assert layout == Layout(pp=1, dp=2, ep=2, tp=2)
+    layout = validate_config(cfg, 8)
+    assert (layout.pp, layout.dp, layout.ep, layout.tp) == (1, 2, 2, 2)
     assert layout.data_parallel_size == 4
+    assert layout.accumulation_steps == cfg.training.global_batch_size // (cfg.training.micro_batch_size * 4)
 
 
 def test_tensor_parallel_is_innermost_and_data_rank_spans_dp_and_ep() -> None:
@@ -80,18 +81,17 @@ def test_deep_ep_without_expert_parallelism_warns_once_and_stays_local() -> None
 
 
 def _mesh_worker(rank: int, world_size: int) -> dict:
-    from lit_deepseek.parallel.mesh import build_mesh, local_coordinate, submesh
-
     cfg = tiny_run_config(parallel={"expert_parallel_size": 2})  # DP = -1 -> 2
-    layout = validate_layout(cfg, world_size)
-    mesh = build_mesh(cfg.parallel, world_size, "cpu")
-    dp_ep = submesh(mesh, "dp_ep")
+    layout = validate_config(cfg, world_size)
+    mesh = layout.build_mesh("cpu")
+    assert layout.build_mesh("cpu") is mesh  # built once, cached with its sub-meshes
+    dp_ep = layout.submesh("dp_ep")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg.model.moe.use_deep_ep = True
         dispatcher = make_dispatcher(cfg.model, mesh["ep"].get_group())
     return {
-        "coordinate": local_coordinate(mesh),
+        "coordinate": layout.local_coordinate(),
         "expected": layout.coordinate(rank),
         "data_rank": dp_ep.get_local_rank(),
         "expected_data_rank": layout.data_parallel_rank(rank),

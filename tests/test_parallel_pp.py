@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model_config
 from dist_utils import run_distributed
 from test_parallel_tp import (
+    MICRO,
     loss_fn,
     make_batches,
     make_model,
@@ -15,8 +16,9 @@ from test_parallel_tp import (
     reference_run,
 )
 
-from lit_deepseek.config import ConfigError, ParallelConfig
-from lit_deepseek.parallel.pipeline import available_schedules, layer_split, stage_indices, validate_pipeline
+from lit_deepseek.config import ConfigError, DeepSeekConfig, ParallelConfig, TrainingConfig, validate_config
+from lit_deepseek.parallel.layout import layer_split
+from lit_deepseek.parallel.pipeline import available_schedules
 
 N_MICRO = 4
 CASES = [  # (schedule, virtual stages, explicit layer split)
@@ -28,21 +30,26 @@ CASES = [  # (schedule, virtual stages, explicit layer split)
 ]
 
 
+def run_config(cfg, parallel: ParallelConfig, micro_batches: int = N_MICRO, micro: int = MICRO) -> DeepSeekConfig:
+    training = TrainingConfig(global_batch_size=micro_batches * micro, micro_batch_size=micro, seq_length=16)
+    return DeepSeekConfig(model=cfg, parallel=parallel, training=training)
+
+
 def _pp_worker(rank: int, world_size: int, cfg, batches, parallel: ParallelConfig) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-
     from lit_deepseek.parallel.pipeline import build_pipeline
+    from lit_deepseek.training.step import split_micro_batches
 
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
+    layout = validate_config(run_config(cfg, parallel), world_size)
+    layout.build_mesh("cpu")
     model = make_model(cfg)
-    handle = build_pipeline(model, parallel, mesh["pp"], n_microbatches=N_MICRO, loss_fn=loss_fn)
+    handle = build_pipeline(model, layout)
     del model
     params = [p for part in handle.stage_modules for p in part.parameters()]
     opt = make_optimizer(params)
     losses = []
     for batch in batches:
         opt.zero_grad()
-        parts = handle.step(batch["input_ids"], batch["labels"], batch["doc_ids"])
+        parts = handle.forward_backward(split_micro_batches(batch, MICRO), loss_fn, 1.0 / layout.accumulation_steps)
         opt.step()
         losses.append(None if parts is None else parts.total.item())
     states = [{k: v.detach().clone() for k, v in part.named_parameters()} for part in handle.stage_modules]
@@ -94,23 +101,28 @@ def test_pp2_matches_single_process(reference, schedule: str, vpp: int, split) -
 
 
 def test_stage_layout_and_bad_settings() -> None:
-    assert layer_split(4, 2) == [[0, 1], [2, 3]]
-    assert layer_split(4, 2, [3, 1]) == [[0, 1, 2], [3]]
-    assert stage_indices("zbv", 0, 2, 2) == [0, 3] and stage_indices("interleaved_1f1b", 1, 2, 2) == [1, 3]
+    assert layer_split(4, 2) == ((0, 1), (2, 3))
+    assert layer_split(4, 2, [3, 1]) == ((0, 1, 2), (3,))
+    zbv = validate_config(run_config(tiny_model_config(num_layers=4), ParallelConfig(
+        pipeline_parallel_size=2, pipeline_schedule="zbv", virtual_pipeline_stages=2)), world_size=2)
+    assert zbv.stage_indices(0) == [0, 3] and zbv.stage_layers == ((0,), (1,), (2,), (3,))
+    assert zbv.accumulation_steps == N_MICRO
     cases = {
         "virtual_pipeline_stages": ParallelConfig(pipeline_parallel_size=2, pipeline_schedule="zbv"),
         "pipeline_layer_split": ParallelConfig(pipeline_parallel_size=2, pipeline_layer_split=[1, 1]),
-        "divisible": ParallelConfig(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b",
+        r"PP x virtual stages \(4\)": ParallelConfig(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b",
                                     virtual_pipeline_stages=2, data_parallel_size=1),
     }
     for field, parallel in cases.items():
         with pytest.raises(ConfigError, match=field):
-            validate_pipeline(parallel, num_layers=3)
+            validate_config(run_config(tiny_model_config(num_layers=3), parallel))
     with pytest.raises(ConfigError, match="at least PP"):
-        validate_pipeline(ParallelConfig(pipeline_parallel_size=2), num_layers=4, n_microbatches=1)
+        validate_config(run_config(tiny_model_config(num_layers=4), ParallelConfig(pipeline_parallel_size=2),
+                                   micro_batches=1))
     with pytest.raises(ConfigError, match="multiple of PP"):
-        validate_pipeline(ParallelConfig(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b",
-                                         virtual_pipeline_stages=2), num_layers=4, n_microbatches=3)
+        validate_config(run_config(tiny_model_config(num_layers=4), ParallelConfig(
+            pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", virtual_pipeline_stages=2),
+            micro_batches=3))
 
 
 

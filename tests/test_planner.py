@@ -37,7 +37,7 @@ def test_every_listed_layout_validates_and_fits_by_the_summary_estimate() -> Non
     assert fits, "the small config fits 8 GPUs of 24 GiB by its estimate"
     for cand in fits:
         layout_cfg = with_layout(cfg, cand.layout)
-        validate_config(layout_cfg, 8, hardware=False)
+        validate_config(layout_cfg, 8)
         assert layout_cfg.memory_estimate(8)["total"] == pytest.approx(cand.memory_gib)
         assert cand.memory_gib <= 24.0 * USABLE_FRACTION
     times = [c.step_time_s for c in fits]

@@ -147,6 +147,54 @@ def test_bias_update_moves_towards_balance() -> None:
     torch.testing.assert_close(moe.expert_bias, expected)
 
 
+@pytest.mark.parametrize("aux_loss_free,speed", [(True, 0.003), (False, 0.003)])
+def test_train_step_moves_expert_biases_by_the_configured_speed(aux_loss_free: bool, speed: float) -> None:
+    """The shipped step's optimizer hook applies model.moe.use_aux_loss_free and bias_update_speed."""
+    from lit_deepseek.config import DeepSeekConfig
+    from lit_deepseek.model import DeepSeekV3
+    from lit_deepseek.training.step import build_optimizer, make_loss_fn, train_step
+
+    cfg = DeepSeekConfig(model=tiny_model_config(use_aux_loss_free=aux_loss_free, bias_update_speed=speed),
+                         training=TrainingConfig(global_batch_size=4, micro_batch_size=2, seq_length=16))
+    plan = LocalPlan()
+    model = plan.parallelize(DeepSeekV3(cfg.model), cfg)
+    optimizer, balance = build_optimizer(plan, model, cfg)
+    batch = _step_batch(cfg.model.vocab_size, 2, 2, 16, seed=3)
+    result = train_step(plan, model, batch, optimizer, cfg.training, make_loss_fn(cfg.model, cfg.training))
+    assert not result.skipped and torch.isfinite(result.grad_norm)
+    assert balance.last_load is not None and balance.last_load.sum(dim=1).eq(4 * 16 * 2).all()
+    biases = balance.biases()
+    if aux_loss_free:  # each bias moved by +-speed towards balance (0 where a load equals the mean)
+        moved = biases.abs()
+        assert moved.max().item() == pytest.approx(speed)
+        assert torch.all((moved == 0) | torch.isclose(moved, torch.tensor(speed)))
+    else:
+        assert biases.abs().max().item() == 0.0
+    assert all(m.expert_load.sum() == 0 for m in model.moe_layers())  # statistics reset for the next step
+
+
+def test_activation_checkpointing_keeps_a_later_fp8_conversion() -> None:
+    """parallelize checkpoints blocks before converting to FP8: the converted experts must run."""
+    from lit_deepseek.kernels.fp8 import convert_to_fp8
+    from lit_deepseek.model import DeepSeekV3
+    from lit_deepseek.training.checkpointing import apply_activation_checkpointing
+
+    cfg = tiny_model_config()
+    ids = _step_batch(cfg.vocab_size, 1, 2, 16, seed=4)["input_ids"]
+    outputs = []
+    for order in ("fp8 first", "checkpointing first", "bf16"):
+        model = DeepSeekV3(cfg)
+        model.init_weights(seed=5)
+        if order == "fp8 first":
+            convert_to_fp8(model, emulate=True)
+        apply_activation_checkpointing(model, "selective")
+        if order == "checkpointing first":
+            convert_to_fp8(model, emulate=True)
+        outputs.append(model(ids))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert not torch.equal(outputs[1], outputs[2])  # FP8 really ran
+
+
 def test_nonfinite_losses_are_skipped_then_stop_with_checkpoint(tmp_path: Path) -> None:
     import lightning as L
 

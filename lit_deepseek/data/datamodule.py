@@ -16,9 +16,9 @@ One global batch order, whatever the data-parallel size
     rank reads the whole stream and materialises only its slice, so a run with fewer shards than
     ranks x workers is fine (no shard is split). Tensor- and pipeline-parallel peers of one replica
     must get the same data: the parallel strategy calls ``set_data_parallel(rank, size)`` with the
-    replica's data-parallel coordinates (EP x DP ranks read different data). Without that call the
-    attached trainer's ``strategy.plan.data_parallel_rank / data_parallel_size`` are used when the
-    strategy has such a plan, else the trainer's global rank / world size, else 0 / 1.
+    replica's coordinates from its resolved layout (EP x DP ranks read different data). Without that
+    call the attached trainer's global rank / world size are used, else 0 / 1. A is checked by the
+    one global-batch rule, `lit_deepseek.parallel.layout.accumulation_steps`.
 
 Items
     With ``batch_per_step=True`` (the default: one ``training_step`` = one optimizer step) an item
@@ -63,7 +63,7 @@ import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import numpy as np
@@ -73,6 +73,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lit_deepseek.config import ConfigError, DataConfig
 from lit_deepseek.data.prepare import read_manifest
 from lit_deepseek.data.tokenizer import load_tokenizer, same_tokenizer
+from lit_deepseek.parallel.layout import accumulation_steps
 
 log = logging.getLogger(__name__)
 
@@ -296,20 +297,13 @@ class PackedSequenceDataset(IterableDataset):
                  lengths: Optional[dict[str, int]] = None, skipped: Optional[torch.Tensor] = None,
                  field_name: str = "data.train_shards"):
         super().__init__()
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ConfigError(
-                f"training.global_batch_size: {global_batch_size} must be divisible by training.micro_batch_size x "
-                f"data-parallel ranks = {micro_batch_size} x {dp_size}")
+        self.accumulation_steps = accumulation_steps(global_batch_size, micro_batch_size, dp_size)
         self.shards, self.eos_id, self.seq_length = shards, eos_id, seq_length
         self.micro_batch_size, self.global_batch_size, self.seed = micro_batch_size, global_batch_size, seed
         self.dp_rank, self.dp_size, self.start_token = dp_rank, dp_size, start_token
         self.shuffle, self.document_mask, self.batch_per_step = shuffle, document_mask, batch_per_step
         self.max_items, self.lengths, self.field_name = max_items, lengths or {}, field_name
         self.skipped = skipped if skipped is not None else torch.zeros(1, dtype=torch.int64)
-
-    @property
-    def accumulation_steps(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
     def item_span(self, index: int) -> tuple[int, int]:
         """(first global sequence, number of sequences) of this rank's item `index`."""
@@ -348,6 +342,13 @@ class PackedSequenceDataset(IterableDataset):
 # --------------------------------------------------------------------------------------------
 
 
+@runtime_checkable
+class DataParallelData(Protocol):
+    """A data module that slices the global batch itself; the parallel strategy tells it its slice."""
+
+    def set_data_parallel(self, rank: int, size: int) -> None: ...
+
+
 class DeepSeekDataModule(pl.LightningDataModule):
     """Webdataset shards -> packed, data-parallel-sliced micro-batches with exact resume."""
 
@@ -358,9 +359,7 @@ class DeepSeekDataModule(pl.LightningDataModule):
                             ("training.global_batch_size", global_batch_size)):
             if value <= 0:
                 raise ConfigError(f"{name}: must be positive, got {value}")
-        if global_batch_size % micro_batch_size:
-            raise ConfigError(f"training.global_batch_size: {global_batch_size} must be divisible by "
-                              f"training.micro_batch_size ({micro_batch_size})")
+        accumulation_steps(global_batch_size, micro_batch_size, 1)
         if val_batches < 0:
             raise ConfigError(f"val_batches: must be >= 0, got {val_batches}")
         if data.num_workers < 0:
@@ -387,28 +386,22 @@ class DeepSeekDataModule(pl.LightningDataModule):
         """Called by the parallel strategy: this replica's data-parallel rank and the number of replicas."""
         if size < 1 or not 0 <= rank < size:
             raise ValueError(f"set_data_parallel: need 0 <= rank < size, got rank {rank}, size {size}")
-        if self.global_batch_size % (self.micro_batch_size * size):
-            raise ConfigError(
-                f"training.global_batch_size: {self.global_batch_size} must be divisible by training.micro_batch_size "
-                f"x data-parallel ranks = {self.micro_batch_size} x {size}")
+        accumulation_steps(self.global_batch_size, self.micro_batch_size, size)
         self._dp = (rank, size)
 
     @property
     def data_parallel(self) -> tuple[int, int]:
-        """(rank, size) used for slicing: set_data_parallel's, else the strategy's plan's, else the trainer's, else (0, 1)."""
+        """(rank, size) used for slicing: set_data_parallel's, else the trainer's, else (0, 1)."""
         if self._dp is not None:
             return self._dp
         if self.trainer is not None:
-            plan = getattr(self.trainer.strategy, "plan", None)
-            if plan is not None and hasattr(plan, "data_parallel_rank") and hasattr(plan, "data_parallel_size"):
-                return int(plan.data_parallel_rank), int(plan.data_parallel_size)
             return self.trainer.global_rank, self.trainer.world_size
         return 0, 1
 
     @property
     def accumulation_steps(self) -> int:
         """Micro-batches per optimizer step on each data-parallel rank (Lightning's accumulate_grad_batches)."""
-        return self.global_batch_size // (self.micro_batch_size * self.data_parallel[1])
+        return accumulation_steps(self.global_batch_size, self.micro_batch_size, self.data_parallel[1])
 
     @property
     def skipped_shards(self) -> int:
@@ -526,10 +519,6 @@ class DeepSeekDataModule(pl.LightningDataModule):
     def consumed_tokens(self) -> int:
         """Stream position after the optimizer steps trained so far (tokens, EOS included)."""
         return self._start_token + self._steps_since_start() * self.global_batch_size * self.seq_length
-
-    @property
-    def consumed_sequences(self) -> int:
-        return self.consumed_tokens // self.seq_length
 
     def state_dict(self) -> dict[str, Any]:
         step = self.trainer.global_step if self.trainer is not None else self._start_step + self._manual_steps

@@ -58,7 +58,6 @@ class MultiHeadLatentAttention(nn.Module):
         super().__init__()
         self.mla = mla
         d, h = mla.d_model, mla.num_heads
-        self.num_heads = h
         self.qk_nope_head_dim, self.qk_rope_head_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim
         self.v_head_dim, self.d_latent = mla.v_head_dim, mla.d_latent
         if mla.d_q_latent > 0:
@@ -80,7 +79,8 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         else:
             q = self.q_proj(x)
-        q = q.view(b, s, self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
+        # -1: the heads this module holds (all of them, or this rank's share under tensor parallelism)
+        q = q.view(b, s, -1, self.qk_nope_head_dim + self.qk_rope_head_dim)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, cos, sin)
 

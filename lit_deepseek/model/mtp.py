@@ -3,7 +3,8 @@
 Module k combines the previous depth's representation of token i with the embedding of token
 i+k: eh_proj([enorm(emb(t_{i+k})); hnorm(h^{k-1}_i)]) (embedding first, the order of DeepSeek's
 released MTP weights), runs one transformer block and its own final norm; the embedding and the
-output head are shared with the main model.
+output head are shared with the main model. The block is built by the caller (`DeepSeekV3`), so
+this module does not depend on the transformer module.
 """
 
 from __future__ import annotations
@@ -12,22 +13,19 @@ import torch
 from torch import Tensor, nn
 
 from lit_deepseek.config import ModelConfig
-from lit_deepseek.model.dispatch import TokenDispatcher
 from lit_deepseek.model.norm import RMSNorm
 
 
 class MTPModule(nn.Module):
     """One MTP depth: two norms, the concatenation projection, a block and a final norm."""
 
-    def __init__(self, cfg: ModelConfig, layer_index: int, dispatcher: TokenDispatcher | None = None) -> None:
-        from lit_deepseek.model.transformer import Block
-
+    def __init__(self, cfg: ModelConfig, block: nn.Module) -> None:
         super().__init__()
         d = cfg.mla.d_model
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
-        self.block = Block(cfg, layer_index, dispatcher)
+        self.block = block
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, h: Tensor, next_embeds: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:

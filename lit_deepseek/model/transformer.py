@@ -8,7 +8,6 @@ the global layer index so a pipeline stage can delete blocks and keep parameter 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +63,7 @@ class DeepSeekV3(nn.Module):
         self.norm: RMSNorm | None = RMSNorm(d, cfg.rms_norm_eps)
         self.head: nn.Linear | None = nn.Linear(d, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_layers + k, dispatcher) for k in range(cfg.mtp_depth))
+        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.num_layers + k, dispatcher)) for k in range(cfg.mtp_depth))
 
     # ------------------------------------------------------------------ services
     def moe_layers(self) -> list[MoE]:
@@ -161,12 +160,6 @@ class DeepSeekV3(nn.Module):
         if self.head is None:
             return h
         return self.head(h)
-
-    def main_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the main model (MTP modules excluded)."""
-        for name, p in self.named_parameters():
-            if not name.startswith("mtp."):
-                yield p
 
 
 def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:

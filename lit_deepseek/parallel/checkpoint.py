@@ -33,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
+from lit_deepseek.parallel.plan import DistributedPlan
 from lit_deepseek.parallel.zero import is_expert_param
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -60,7 +61,7 @@ class _Entry:
         self.name = name
         self.target = target
         self.aliases: list[Tensor] = []
-        self.expert = is_expert_param(name) and getattr(plan, "layout", None) is not None and plan.layout.ep > 1
+        self.expert = is_expert_param(name) and isinstance(plan, DistributedPlan) and plan.layout.ep > 1
         self.fsdp_expert = is_expert_param(name) and isinstance(target, DTensor)
         self.plan = plan
 
@@ -71,7 +72,7 @@ class _Entry:
             return t
         local = t.full_tensor() if isinstance(t, DTensor) else t  # gather the FSDP shards over dp
         if self.expert:
-            return DTensor.from_local(local.contiguous(), self.plan.mesh["ep"], [Shard(0)], run_check=False)
+            return DTensor.from_local(local.contiguous(), self.plan.layout.submesh("ep"), [Shard(0)], run_check=False)
         return local
 
     @torch.no_grad()
@@ -114,7 +115,7 @@ def _param_names(parts: Iterable[nn.Module]) -> list[tuple[str, nn.Parameter]]:
 
 
 def _has_optimizer_state(p: nn.Parameter, plan: Any) -> bool:
-    sharding = getattr(plan, "optimizer_sharding", None)
+    sharding = plan.optimizer_sharding if isinstance(plan, DistributedPlan) else None
     return sharding is None or sharding.owns(p)
 
 

@@ -8,10 +8,11 @@ MTP on the last stage embeds the token ids shifted by k, so the last stage keeps
 embedding (Megatron's choice for tied weights across stages). Both copies start equal (copied
 from one model, or initialised by parameter name) and their gradients are summed after every
 backward (`sync_tied_grads`), so they stay equal under any optimizer: the result is the single-
-process gradient. The copy is marked `_pipeline_tied_copy = True`; gradient norms and
-checkpoints must count it once (`PipelineHandle.tied_copies`). A tied head
+process gradient. Gradient norms and checkpoints count it once: the handle names it
+(`PipelineHandle.tied_copies`). A tied head
 (`tie_word_embeddings`) is the same copy. Token ids and document ids reach every stage as
-keyword arguments of the schedule, so no extra activations travel between stages.
+keyword arguments of the schedule, so no extra activations travel between stages. The layer split,
+the stages each rank holds and the micro-batch count come from the resolved `Layout`.
 
 Loss scaling: the schedule's loss of a micro-batch is its mean loss x `scale` (1 / micro-batches
 in the global batch) with `scale_grads=False`, and the MoE balance loss is injected with the same
@@ -23,16 +24,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh
 
-from lit_deepseek.config import ConfigError, DeepSeekConfig, ParallelConfig
+from lit_deepseek.parallel.layout import SINGLE_STAGE_SCHEDULES, Layout
+from lit_deepseek.parallel.zero import local_tensor
 from lit_deepseek.training.loss import LossParts
-from lit_deepseek.training.step import LossFn, set_aux_loss_grad_scale, split_micro_batches
+from lit_deepseek.training.step import LossFn, set_aux_loss_grad_scale
 
 #: schedule name -> torch.distributed.pipelining.schedules class name
 SCHEDULES = {
@@ -42,8 +43,6 @@ SCHEDULES = {
     "zbv": "ScheduleZBVZeroBubble",
     "dualpipev": "ScheduleDualPipeV",
 }
-V_SCHEDULES = ("zbv", "dualpipev")
-SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 
 
 def available_schedules() -> list[str]:
@@ -51,54 +50,6 @@ def available_schedules() -> list[str]:
     from torch.distributed.pipelining import schedules
 
     return [name for name, cls in SCHEDULES.items() if hasattr(schedules, cls)]
-
-
-def layer_split(num_layers: int, num_stages: int, explicit: Optional[Sequence[int]] = None) -> list[list[int]]:
-    """Global layer indices of each stage: the explicit counts, or an even split."""
-    if explicit is not None:
-        counts = list(explicit)
-        if len(counts) != num_stages or sum(counts) != num_layers or min(counts) < 0:
-            raise ConfigError(f"parallel.pipeline_layer_split: needs {num_stages} entries >= 0 summing to "
-                              f"model.num_layers ({num_layers}), got {counts}")
-    else:
-        if num_layers % num_stages:
-            raise ConfigError(f"parallel.pipeline_parallel_size: model.num_layers ({num_layers}) must be divisible "
-                              f"by PP x virtual stages ({num_stages}), or set parallel.pipeline_layer_split")
-        counts = [num_layers // num_stages] * num_stages
-    out, start = [], 0
-    for n in counts:
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
-
-
-def stage_indices(schedule: str, pp_rank: int, pp_size: int, virtual_stages: int) -> list[int]:
-    """Stages held by a pipeline rank: loop order (rank r holds r, r + PP, ...) or V order."""
-    if schedule in V_SCHEDULES:
-        return [pp_rank, 2 * pp_size - 1 - pp_rank]
-    return [pp_rank + v * pp_size for v in range(virtual_stages)]
-
-
-def validate_pipeline(parallel: ParallelConfig, num_layers: int, n_microbatches: Optional[int] = None) -> None:
-    """Schedule rules (no process group needed); raises ConfigError naming the field."""
-    pp, vpp, name = parallel.pipeline_parallel_size, parallel.virtual_pipeline_stages, parallel.pipeline_schedule
-    if name not in available_schedules():
-        raise ConfigError(f"parallel.pipeline_schedule: {name!r} is not provided by torch {torch.__version__} "
-                          f"(available: {', '.join(available_schedules())})")
-    if name in V_SCHEDULES and vpp != 2:
-        raise ConfigError(f"parallel.virtual_pipeline_stages: schedule {name} needs exactly 2 stages per rank, got {vpp}")
-    if name in SINGLE_STAGE_SCHEDULES and vpp != 1:
-        raise ConfigError(f"parallel.virtual_pipeline_stages: schedule {name} takes 1 stage per rank, got {vpp}")
-    if name == "interleaved_1f1b" and vpp < 2:
-        raise ConfigError(f"parallel.virtual_pipeline_stages: interleaved_1f1b needs >= 2 stages per rank, got {vpp}")
-    layer_split(num_layers, pp * vpp, parallel.pipeline_layer_split)
-    if n_microbatches is not None and pp > 1:
-        if name != "gpipe" and n_microbatches < pp:
-            raise ConfigError(f"training.global_batch_size: pipeline schedule {name} needs at least PP ({pp}) "
-                              f"micro-batches per step on each data-parallel rank, got {n_microbatches}")
-        if name == "interleaved_1f1b" and n_microbatches % pp:
-            raise ConfigError(f"training.global_batch_size: interleaved_1f1b needs the micro-batch count "
-                              f"({n_microbatches}) to be a multiple of PP ({pp})")
 
 
 def split_model(model: nn.Module, stage: int, num_stages: int, layers: Sequence[int]) -> nn.Module:
@@ -112,9 +63,6 @@ def split_model(model: nn.Module, stage: int, num_stages: int, layers: Sequence[
     needs_embed_copy = is_last and (len(part.mtp) > 0 or part.cfg.tie_word_embeddings)
     if not is_first and not needs_embed_copy:
         part.embed = None
-    if not is_first and needs_embed_copy:
-        for p in part.embed.parameters():
-            p._pipeline_tied_copy = True
     if not is_last:
         part.norm = None
         part.head = None
@@ -148,12 +96,8 @@ class PipelineHandle:
 
     stage_modules: list[nn.Module]
     stage_ids: list[int]
-    num_stages: int
-    pp_mesh: DeviceMesh
-    schedule_name: str
+    layout: Layout
     device: torch.device
-    loss_fn: Optional[LossFn] = None
-    n_microbatches: Optional[int] = None
     tied_group: Any = None
     has_tied_embedding: bool = False
     activation_dtype: Optional[torch.dtype] = None
@@ -165,6 +109,10 @@ class PipelineHandle:
     @property
     def model_parts(self) -> list[nn.Module]:
         return self.stage_modules
+
+    @property
+    def num_stages(self) -> int:
+        return self.layout.num_stages
 
     @property
     def has_first_stage(self) -> bool:
@@ -180,7 +128,9 @@ class PipelineHandle:
 
     def tied_copies(self) -> list[nn.Parameter]:
         """Parameters that duplicate another stage's (count them once in norms and checkpoints)."""
-        return [p for part in self.stage_modules for p in part.parameters() if getattr(p, "_pipeline_tied_copy", False)]
+        if not self.has_tied_embedding or not self.has_last_stage:
+            return []
+        return list(self.last_part.embed.parameters())  # the last stage is never the first
 
     # ------------------------------------------------------------------ schedule
     def _stage_objects(self, micro_rows: int, seq_len: int) -> list:
@@ -190,21 +140,20 @@ class PipelineHandle:
 
         key = (micro_rows, seq_len)
         if key not in self._stages:
-            group = self.pp_mesh.get_group()
+            pp_mesh = self.layout.submesh("pp")
+            group = pp_mesh.get_group()
             stages = []
             for part, sid in zip(self.stage_modules, self.stage_ids, strict=True):
                 is_first, is_last = sid == 0, sid == self.num_stages - 1
                 dtype = self.activation_dtype or next(p.dtype for p in part.parameters() if p.is_floating_point())
-                tp_mesh = getattr(part, "tp_mesh", None)
-                local_s = seq_len // tp_mesh.size() if tp_mesh is not None and getattr(part, "sequence_parallel", False) \
-                    else seq_len
+                local_s = seq_len // self.layout.tp if self.layout.sequence_parallel else seq_len
                 hidden = torch.empty(micro_rows, local_s, part.cfg.mla.d_model, dtype=dtype, device="meta",
                                      requires_grad=True)
                 inputs = (torch.empty(micro_rows, seq_len, dtype=torch.long, device="meta"),) if is_first else (hidden,)
                 outputs = (hidden,) * (1 + len(part.mtp)) if is_last else (hidden,)
                 stage = PipelineStage(part, sid, self.num_stages, self.device, input_args=inputs,
                                       output_args=outputs, group=group)
-                _skip_self_warmup_p2p(stage, self.pp_mesh.get_local_rank())
+                _skip_self_warmup_p2p(stage, pp_mesh.get_local_rank())
                 stages.append(stage)
             self._stages[key] = stages
         return self._stages[key]
@@ -215,7 +164,7 @@ class PipelineHandle:
         key = (n_microbatches, micro_rows, seq_len, with_loss)
         if key not in self._schedules:
             stages = self._stage_objects(micro_rows, seq_len)
-            name = self.schedule_name if with_loss else ("gpipe" if len(stages) == 1 else "interleaved_1f1b")
+            name = self.layout.schedule if with_loss else ("gpipe" if len(stages) == 1 else "interleaved_1f1b")
             cls = getattr(schedules, SCHEDULES[name])
             loss = self._schedule_loss if with_loss else None
             target = stages[0] if name in SINGLE_STAGE_SCHEDULES else stages
@@ -229,19 +178,15 @@ class PipelineHandle:
         return parts.total * self._scale
 
     # ------------------------------------------------------------------ steps
-    def forward_backward(self, micro_batches: list[dict], loss_fn: LossFn, scale: float,
-                         backward: Optional[Callable[[Tensor], None]] = None,
-                         before_last: Optional[Callable[[], None]] = None) -> Optional[LossParts]:
+    def forward_backward(self, micro_batches: list[dict], loss_fn: LossFn, scale: float) -> Optional[LossParts]:
         """Run the schedule over this step's micro-batches (forward and backward).
 
         Each micro-batch's loss is scaled by `scale` before backward (and the MoE balance loss
         injected with the same scale). Returns the mean LossParts over the micro-batches on the
-        rank holding the last stage, None elsewhere. `backward` and `before_last` are not used:
-        the schedule runs the backward passes itself.
+        rank holding the last stage, None elsewhere. The schedule runs the backward passes itself.
         """
         n = len(micro_batches)
-        for part in self.stage_modules:
-            set_aux_loss_grad_scale(part, scale)
+        set_aux_loss_grad_scale(self.stage_modules, scale)
         batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
         rows, seq_len = micro_batches[0]["input_ids"].shape
         self._active_loss_fn, self._scale, self._collected = loss_fn, scale, []
@@ -256,7 +201,7 @@ class PipelineHandle:
             return None
         if len(collected) != n:
             raise RuntimeError(f"pipeline: expected {n} micro-batch losses on the last stage, got {len(collected)}")
-        return _mean(collected)
+        return LossParts.mean(collected)
 
     def _inputs(self, batch: dict) -> tuple[tuple, dict]:
         kwargs: dict[str, Tensor] = {"token_ids": batch["input_ids"]}
@@ -264,22 +209,6 @@ class PipelineHandle:
             kwargs["doc_ids"] = batch["doc_ids"]
         args = (batch["input_ids"],) if self.has_first_stage else ()
         return args, kwargs
-
-    def step(self, input_ids: Tensor, labels: Tensor, doc_ids: Optional[Tensor] = None) -> Optional[LossParts]:
-        """One optimizer step's forward/backward with the loss_fn and micro-batch count given at build.
-
-        The whole step batch is cut into `n_microbatches`; the loss of the global batch (mean over
-        its micro-batches) is returned on the last stage, None elsewhere.
-        """
-        if self.loss_fn is None or self.n_microbatches is None:
-            raise ValueError("step() needs build_pipeline(..., n_microbatches=..., loss_fn=...)")
-        batch = {"input_ids": input_ids, "labels": labels}
-        if doc_ids is not None:
-            batch["doc_ids"] = doc_ids
-        if input_ids.shape[0] % self.n_microbatches:
-            raise ValueError(f"batch of {input_ids.shape[0]} sequences is not divisible into {self.n_microbatches} micro-batches")
-        micro = split_micro_batches(batch, input_ids.shape[0] // self.n_microbatches)
-        return self.forward_backward(micro, self.loss_fn, 1.0 / self.n_microbatches)
 
     @torch.no_grad()
     def evaluate(self, batch: dict, loss_fn: LossFn) -> Optional[LossParts]:
@@ -309,14 +238,14 @@ class PipelineHandle:
             return
         for first, last in pairs:
             if first is not None and last is not None:  # both stages on this rank (V schedules)
-                total = _local(first.grad) + _local(last.grad)
-                _local(first.grad).copy_(total)
-                _local(last.grad).copy_(total)
+                total = local_tensor(first.grad) + local_tensor(last.grad)
+                local_tensor(first.grad).copy_(total)
+                local_tensor(last.grad).copy_(total)
             else:
                 p = first if first is not None else last
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(_local(p.grad), group=self.tied_group)
+                dist.all_reduce(local_tensor(p.grad), group=self.tied_group)
 
     def _tied_params(self) -> list[tuple[Optional[nn.Parameter], Optional[nn.Parameter]]]:
         if not self._tied_pairs and self.has_tied_embedding:
@@ -345,41 +274,19 @@ def _skip_self_warmup_p2p(stage: Any, group_rank: int) -> None:
     stage._get_init_p2p_neighbors_ops = ops
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _mean(parts: list[LossParts]) -> LossParts:
-    n = len(parts)
-    total = sum(p.total for p in parts) / n
-    main = sum(p.main for p in parts) / n
-    mtp = None if parts[0].mtp is None else sum(p.mtp for p in parts) / n
-    return LossParts(total, main, mtp)
-
-
-def build_pipeline(model: nn.Module, cfg: Union[DeepSeekConfig, ParallelConfig], pp_mesh: DeviceMesh,
-                   n_microbatches: Optional[int] = None, loss_fn: Optional[LossFn] = None,
-                   device: Optional[torch.device] = None,
+def build_pipeline(model: nn.Module, layout: Layout, device: Optional[torch.device] = None,
                    activation_dtype: Optional[torch.dtype] = None) -> PipelineHandle:
-    """Split `model` into this rank's pipeline stages and prepare the configured schedule.
+    """Split `model` into this rank's pipeline stages and prepare the layout's schedule.
 
     Call on the unsharded model (before tensor parallelism / ZeRO, which are then applied to each
-    of `handle.stage_modules`). `n_microbatches` and `loss_fn` are needed only for `step`;
-    `forward_backward` takes them per call. `activation_dtype` is the dtype of the hidden states
-    sent between stages (default: the parameters' dtype).
+    of `handle.stage_modules`), after `layout.build_mesh`. `activation_dtype` is the dtype of the
+    hidden states sent between stages (default: the parameters' dtype).
     """
-    parallel = cfg.parallel if isinstance(cfg, DeepSeekConfig) else cfg
-    pp = pp_mesh.size()
-    if pp != parallel.pipeline_parallel_size:
-        raise ValueError(f"parallel.pipeline_parallel_size: {parallel.pipeline_parallel_size} but the pp mesh has {pp} ranks")
-    num_layers = model.cfg.num_layers
-    validate_pipeline(parallel, num_layers, n_microbatches)
-    vpp = parallel.virtual_pipeline_stages
-    num_stages = pp * vpp
-    splits = layer_split(num_layers, num_stages, parallel.pipeline_layer_split)
+    pp_mesh = layout.submesh("pp")
+    num_stages = layout.num_stages
     rank = pp_mesh.get_local_rank()
-    ids = sorted(stage_indices(parallel.pipeline_schedule, rank, pp, vpp))
-    parts = [split_model(model, s, num_stages, splits[s]) for s in ids]
+    ids = sorted(layout.stage_indices(rank))
+    parts = [split_model(model, s, num_stages, layout.stage_layers[s]) for s in ids]
     for part, sid in zip(parts, ids, strict=True):
         part.register_forward_pre_hook(_stage_pre_hook(sid == 0, sid == num_stages - 1), with_kwargs=True)
         if sid == num_stages - 1:
@@ -388,12 +295,10 @@ def build_pipeline(model: nn.Module, cfg: Union[DeepSeekConfig, ParallelConfig],
         device = torch.device(pp_mesh.device_type, torch.cuda.current_device()) if pp_mesh.device_type == "cuda" \
             else torch.device(pp_mesh.device_type)
     needs_tie = len(model.mtp) > 0 or model.cfg.tie_word_embeddings
-    handle = PipelineHandle(parts, ids, num_stages, pp_mesh, parallel.pipeline_schedule, device,
-                            loss_fn=loss_fn, n_microbatches=n_microbatches, has_tied_embedding=needs_tie,
-                            activation_dtype=activation_dtype)
+    handle = PipelineHandle(parts, ids, layout, device, has_tied_embedding=needs_tie, activation_dtype=activation_dtype)
     # the ranks of this pipeline holding the first and the last stage share the embedding
     first_rank = 0
-    last_rank = next(r for r in range(pp) if num_stages - 1 in stage_indices(parallel.pipeline_schedule, r, pp, vpp))
+    last_rank = next(r for r in range(layout.pp) if num_stages - 1 in layout.stage_indices(r))
     if needs_tie and first_rank != last_rank and rank in (first_rank, last_rank):
         members = pp_mesh.mesh.flatten().tolist()
         pair = sorted({members[first_rank], members[last_rank]})
@@ -401,5 +306,4 @@ def build_pipeline(model: nn.Module, cfg: Union[DeepSeekConfig, ParallelConfig],
     return handle
 
 
-__all__ = ["PipelineHandle", "SCHEDULES", "available_schedules", "build_pipeline", "layer_split", "split_model",
-           "stage_indices", "validate_pipeline"]
+__all__ = ["PipelineHandle", "SCHEDULES", "available_schedules", "build_pipeline", "split_model"]

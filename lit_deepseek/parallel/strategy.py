@@ -2,11 +2,12 @@
 
 Both do the same four things, in this order:
 
-1. check the layout against the world size (``validate_layout``) before any process group exists,
+1. take the resolved `Layout` (the CLI's, or `validate_config` against the world size) before any
+   process group exists, so a bad layout is one line and never a hang,
 2. create the default process group through Lightning's cluster environment (torchrun, SLURM,
    Lightning's own launcher; NCCL on GPUs, gloo on CPU),
-3. build the (pp, dp, ep, tp) mesh and the `DistributedPlan` (``strategy.plan``) that the
-   LightningModule (or a Fabric loop) uses for every step,
+3. build the layout's mesh and the `DistributedPlan` (``strategy.plan``) that the training step
+   uses (`lit_deepseek.training.step.train_step`),
 4. tell the data module its data-parallel slice: ``set_data_parallel(rank in dp_ep, EP x DP)``.
 
 Checkpoints are distributed (`lit_deepseek.parallel.checkpoint`): a folder that any other layout,
@@ -29,9 +30,10 @@ from torch import nn
 from torch.distributed.constants import default_pg_timeout
 from torch.optim import Optimizer
 
-from lit_deepseek.config import DeepSeekConfig
+from lit_deepseek.config import DeepSeekConfig, validate_config
+from lit_deepseek.data.datamodule import DataParallelData
 from lit_deepseek.parallel.checkpoint import load_checkpoint, save_checkpoint
-from lit_deepseek.parallel.mesh import build_mesh, validate_layout
+from lit_deepseek.parallel.layout import Layout
 from lit_deepseek.parallel.plan import DistributedPlan
 
 _META_KEYS = ("state_dict", "optimizer_states")
@@ -41,10 +43,16 @@ def _device_type(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else device.type
 
 
+def _layout(cfg: DeepSeekConfig, layout: Optional[Layout], world_size: int) -> Layout:
+    """The given layout when it was resolved for this world size, else the config's (or its one-line error)."""
+    if layout is not None and layout.world_size == world_size:
+        return layout
+    return validate_config(cfg, world_size)
+
+
 def _connect_data(datamodule: Any, plan: DistributedPlan) -> None:
-    hook = getattr(datamodule, "set_data_parallel", None)
-    if callable(hook):
-        hook(plan.data_parallel_rank, plan.data_parallel_size)
+    if isinstance(datamodule, DataParallelData):
+        datamodule.set_data_parallel(plan.data_parallel_rank, plan.data_parallel_size)
 
 
 def _unwrap_optimizer(optimizer: Any) -> Optimizer:
@@ -59,14 +67,15 @@ class DeepSeekStrategy(ModelParallelStrategy):
     The LightningModule builds the plain model in ``configure_model`` and hands it to
     ``self.trainer.strategy.plan.parallelize``; it steps with manual optimisation through the
     same plan. ``config`` may be omitted when the LightningModule carries ``model_config``,
-    ``training_config`` and ``parallel_config`` attributes.
+    ``training_config`` and ``parallel_config`` attributes; ``layout`` is the CLI's resolved one.
     """
 
     def __init__(self, config: Optional[DeepSeekConfig] = None, process_group_backend: Optional[str] = None,
-                 timeout: Optional[timedelta] = default_pg_timeout) -> None:
+                 timeout: Optional[timedelta] = default_pg_timeout, layout: Optional[Layout] = None) -> None:
         super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend,
                          timeout=timeout)
         self.config = config
+        self.layout = layout
         self.plan: Optional[DistributedPlan] = None
 
     # ------------------------------------------------------------------ setup
@@ -83,19 +92,15 @@ class DeepSeekStrategy(ModelParallelStrategy):
         return self.config
 
     def setup_environment(self) -> None:
-        cfg = self._resolved_config()
-        world_size = self.num_nodes * self.num_processes
-        validate_layout(cfg, world_size)  # before any process group can hang on a bad layout
+        # before any process group exists, so a bad layout cannot hang
+        self.layout = _layout(self._resolved_config(), self.layout, self.num_nodes * self.num_processes)
         self.accelerator.setup_device(self.root_device)
         self._setup_distributed()
-        self._device_mesh = build_mesh(cfg.parallel, world_size, _device_type(self.root_device))
-        self.plan = DistributedPlan(cfg, self._device_mesh)
+        self._device_mesh = self.layout.build_mesh(_device_type(self.root_device))
+        self.plan = DistributedPlan(self.layout)
         module = self.lightning_module
-        if module is not None:
-            module._device_mesh = self._device_mesh
-            trainer = module._trainer
-            if trainer is not None:
-                _connect_data(getattr(trainer, "datamodule", None), self.plan)
+        if module is not None and module._trainer is not None:
+            _connect_data(module._trainer.datamodule, self.plan)
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
@@ -160,11 +165,11 @@ class DeepSeekStrategy(ModelParallelStrategy):
 
 
 class DeepSeekFabricStrategy(FabricModelParallelStrategy):
-    """Fabric strategy: the same mesh and plan for custom training loops.
+    """Fabric strategy: the same layout, mesh and plan for custom training loops.
 
     ``fabric.setup_module(model)`` parallelises the model with ``strategy.plan``; build the
-    optimizer afterwards with ``strategy.plan.build_optimizer`` (ZeRO-1 needs it) and step with
-    ``strategy.plan.forward_backward(model, batch, micro_batch_size, loss_fn, fabric.backward)``.
+    optimizer afterwards with `lit_deepseek.training.step.build_optimizer` (ZeRO-1 needs the
+    parallelised model) and step with `lit_deepseek.training.step.train_step`.
     """
 
     def __init__(self, config: DeepSeekConfig, process_group_backend: Optional[str] = None,
@@ -174,19 +179,19 @@ class DeepSeekFabricStrategy(FabricModelParallelStrategy):
                          process_group_backend=process_group_backend, timeout=timeout)
         self.config = config
         self.datamodule = datamodule
+        self.layout: Optional[Layout] = None
         self.plan: Optional[DistributedPlan] = None
 
     def _parallelize(self, module: nn.Module, mesh: Any) -> nn.Module:
         assert self.plan is not None
-        return self.plan.parallelize(module)
+        return self.plan.parallelize(module, self.config)
 
     def setup_environment(self) -> None:
-        world_size = self.num_nodes * self.num_processes
-        validate_layout(self.config, world_size)
+        self.layout = _layout(self.config, None, self.num_nodes * self.num_processes)
         self.accelerator.setup_device(self.root_device)
         self._setup_distributed()
-        self._device_mesh = build_mesh(self.config.parallel, world_size, _device_type(self.root_device))
-        self.plan = DistributedPlan(self.config, self._device_mesh)
+        self._device_mesh = self.layout.build_mesh(_device_type(self.root_device))
+        self.plan = DistributedPlan(self.layout)
         if self.datamodule is not None:
             _connect_data(self.datamodule, self.plan)
 

@@ -24,7 +24,7 @@ global gradient norm counts them once per TP group, DTensor parameters through D
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
@@ -44,9 +44,9 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
+from lit_deepseek.parallel.zero import local_tensor
 from lit_deepseek.training.loss import LossParts
-
-LossFn = Callable[[nn.Module, Tensor, list, Tensor], LossParts]
+from lit_deepseek.training.step import LossFn
 
 
 class ReplicateParallel(ParallelStyle):
@@ -188,7 +188,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     if heads % tp:
         raise ValueError(f"parallel.tensor_parallel_size: model.mla.num_heads ({heads}) must be divisible by TP ({tp})")
     seq = Shard(1) if sequence_parallel else Replicate()
-    tied = getattr(model.cfg, "tie_word_embeddings", False)
+    tied = model.cfg.tie_word_embeddings
 
     top: dict[str, ParallelStyle] = {}
     if model.embed is not None:
@@ -204,14 +204,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
 
     for block in _blocks(model):
         parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
-        block.attn.num_heads = heads // tp
     if sequence_parallel:
         for mtp in model.mtp:
             parallelize_module(mtp, tp_mesh, {"enorm": SequenceParallel(), "hnorm": SequenceParallel(),
                                               "norm": SequenceParallel(),
                                               "eh_proj": ReplicateParallel(input_layout=Shard(1), output_layout=Shard(1))})
-    model.tp_mesh = tp_mesh
-    model.sequence_parallel = sequence_parallel
     return model
 
 
@@ -223,7 +220,7 @@ def _blocks(model: nn.Module) -> Iterator[nn.Module]:
 
 def is_vocab_parallel(model: nn.Module) -> bool:
     """True when the model's head holds a vocabulary shard (loss needs `loss_parallel_context`)."""
-    head = getattr(model, "head", None)
+    head = model.head
     return head is not None and isinstance(head.weight, DTensor) and head.weight.placements == (Shard(0),)
 
 
@@ -244,10 +241,6 @@ def _replicated(h: Tensor, mesh: DeviceMesh) -> DTensor:
     return DTensor.from_local(h, mesh, [Replicate()], run_check=False)
 
 
-def _local(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def vocab_parallel_loss(loss_fn: LossFn) -> LossFn:
     """Wrap a `(model, h, mtp_hiddens, labels) -> LossParts` loss for a vocabulary-parallel head.
 
@@ -261,7 +254,8 @@ def vocab_parallel_loss(loss_fn: LossFn) -> LossFn:
             return loss_fn(model, h, mtp_hiddens, labels)
         mesh = model.head.weight.device_mesh
         parts = loss_fn(model, _replicated(h, mesh), [_replicated(x, mesh) for x in mtp_hiddens], labels)
-        return LossParts(_local(parts.total), _local(parts.main), _local(parts.mtp))  # type: ignore[arg-type]
+        mtp = None if parts.mtp is None else local_tensor(parts.mtp)
+        return LossParts(local_tensor(parts.total), local_tensor(parts.main), mtp)
 
     return wrapped
 

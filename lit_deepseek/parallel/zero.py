@@ -34,8 +34,8 @@ def is_expert_param(name: str) -> bool:
 
 
 def local_tensor(t: Tensor) -> Tensor:
-    """The data this rank holds (the local shard of a DTensor)."""
-    return t._local_tensor if isinstance(t, DTensor) else t
+    """The data this rank holds (the local shard of a DTensor; differentiable, the same storage)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,20 +219,16 @@ class OptimizerStateSharding:
 # --------------------------------------------------------------------------------------------
 
 
-def apply_fsdp(part: nn.Module, dense_mesh: Any, expert_mesh: Any, reshard_after_forward: bool) -> nn.Module:
-    """fully_shard the routed experts on `expert_mesh`, each block / MTP module and the root on
-    `dense_mesh`. Reductions are sums (divide factor 1): the loss is already scaled."""
+def apply_fsdp(part: Any, dense_mesh: Any, expert_mesh: Any, reshard_after_forward: bool) -> nn.Module:
+    """fully_shard the routed experts of a `DeepSeekV3` (or a stage of one) on `expert_mesh`, each
+    block / MTP module and the root on `dense_mesh`. Reductions are sums (divide factor 1): the loss is already scaled."""
     from torch.distributed.fsdp import fully_shard
 
     units: list[nn.Module] = []
-    for module in part.modules():
-        experts = getattr(module, "experts", None)
-        if isinstance(experts, nn.Module) and any(True for _ in experts.parameters()):
-            units.append(fully_shard(experts, mesh=expert_mesh, reshard_after_forward=reshard_after_forward))
-    layers = getattr(part, "layers", None)
-    blocks = list(layers.values()) if isinstance(layers, nn.ModuleDict) else []
-    blocks += list(getattr(part, "mtp", None) or [])
-    for block in blocks:
+    for moe in part.moe_layers():
+        if any(True for _ in moe.experts.parameters()):
+            units.append(fully_shard(moe.experts, mesh=expert_mesh, reshard_after_forward=reshard_after_forward))
+    for block in [*part.layers.values(), *part.mtp]:
         units.append(fully_shard(block, mesh=dense_mesh, reshard_after_forward=reshard_after_forward))
     # the root (embedding, final norm, head) stays gathered after forward: the loss applies the
     # head outside the model's forward, and backward needs these weights right away

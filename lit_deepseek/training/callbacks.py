@@ -154,10 +154,13 @@ class ExpertLoadHeatmap(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        load = getattr(pl_module, "last_expert_load", None)
+        from lit_deepseek.training.module import DeepSeekLightningModule
+
+        load = pl_module.last_expert_load if isinstance(pl_module, DeepSeekLightningModule) else None
         if (self.every_n_steps <= 0 or trainer.global_rank != 0 or load is None or step == 0
                 or step % self.every_n_steps):
             return
+        load = load.float().cpu()
         import matplotlib
 
         matplotlib.use("Agg")

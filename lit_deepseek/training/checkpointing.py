@@ -15,14 +15,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+def _checkpointed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # the class's forward looked up at call time: a later class swap (FP8 conversion) still applies
+    return checkpoint(type(module).forward, module, *args, use_reentrant=False, **kwargs)
 
 
 def _wrap(module: nn.Module) -> None:
     if getattr(module, "_activation_checkpointed", False):
         return
-    module.forward = functools.partial(_checkpointed, module.forward)  # type: ignore[method-assign]
+    module.forward = functools.partial(_checkpointed, module)  # type: ignore[method-assign]
     module._activation_checkpointed = True  # type: ignore[assignment]
 
 

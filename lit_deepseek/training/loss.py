@@ -45,6 +45,13 @@ class LossParts:
         return LossParts(self.total.detach(), self.main.detach(),
                          None if self.mtp is None else self.mtp.detach())
 
+    @staticmethod
+    def mean(parts: list[LossParts]) -> LossParts:
+        """The mean of several micro-batches' losses: the loss of the batch they make up."""
+        n = len(parts)
+        mtp = None if parts[0].mtp is None else sum(p.mtp for p in parts) / n  # type: ignore[misc]
+        return LossParts(sum(p.total for p in parts) / n, sum(p.main for p in parts) / n, mtp)  # type: ignore[arg-type]
+
 
 def _chunk_ce_sum(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     logits = F.linear(h, weight).float()

@@ -1,9 +1,9 @@
-"""The LightningModule: loss, optimiser, schedule, aux-loss-free balancing and training metrics.
+"""The LightningModule: the shipped training step under Lightning, plus training metrics.
 
-One `training_step` is one optimizer step: the batch holds every micro-batch that this
-data-parallel rank contributes to the step, and the plan (`LocalPlan`, or the distributed plan that
-the parallel strategy provides) runs forward and backward over them. Manual optimisation keeps the
-step identical under every parallel layout, pipeline schedules included.
+One `training_step` is one optimizer step, `lit_deepseek.training.step.train_step`: the batch holds
+every micro-batch that this data-parallel rank contributes to the step, and the plan (`LocalPlan`,
+or the `DistributedPlan` of the parallel strategy) runs forward and backward over them. Manual
+optimisation keeps the step identical under every parallel layout, pipeline schedules included.
 """
 
 from __future__ import annotations
@@ -20,9 +20,18 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from lit_deepseek.config import DeepSeekConfig, ModelConfig, ParallelConfig, TrainingConfig
-from lit_deepseek.training.loss import LossParts, model_loss
-from lit_deepseek.training.optim import build_optimizer, build_scheduler
-from lit_deepseek.training.step import LocalPlan
+from lit_deepseek.data.datamodule import DeepSeekDataModule
+from lit_deepseek.training.loss import LossParts
+from lit_deepseek.training.optim import build_scheduler
+from lit_deepseek.training.step import (
+    ExpertBalance,
+    LocalPlan,
+    Plan,
+    StepResult,
+    build_optimizer,
+    make_loss_fn,
+    train_step,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,22 +53,34 @@ class DeepSeekLightningModule(L.LightningModule):
         self.val_loss = MeanMetric(sync_on_compute=False)
         self.test_loss = MeanMetric(sync_on_compute=False)
         self.model: Optional[nn.Module] = None
+        self.run_config = DeepSeekConfig(model=model, training=training, parallel=self.parallel_config)
+        self._loss = make_loss_fn(model, training)
+        self.expert_balance: Optional[ExpertBalance] = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self.last_expert_load: Optional[Tensor] = None
         self._throughput: Optional[Throughput] = None
         self._t0: Optional[float] = None
         self._tokens_seen = 0
-        self._flops_per_token = DeepSeekConfig(model=model, training=training).flops_per_token()
+        self._flops_per_token = self.run_config.flops_per_token()
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({"model": dataclasses.asdict(model), "training": dataclasses.asdict(training),
                                    "parallel": dataclasses.asdict(self.parallel_config)}, logger=False)
 
     # ------------------------------------------------------------------ setup
     @property
-    def plan(self) -> Any:
+    def plan(self) -> Plan:
+        """The parallel strategy's plan, or the single-process one."""
+        from lit_deepseek.parallel.strategy import DeepSeekStrategy
+
         strategy = self._trainer.strategy if self._trainer is not None else None
-        return getattr(strategy, "plan", None) or _LOCAL_PLAN
+        if isinstance(strategy, DeepSeekStrategy) and strategy.plan is not None:
+            return strategy.plan
+        return _LOCAL_PLAN
+
+    @property
+    def datamodule(self) -> Optional[DeepSeekDataModule]:
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        return datamodule if isinstance(datamodule, DeepSeekDataModule) else None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -76,34 +97,17 @@ class DeepSeekLightningModule(L.LightningModule):
             model = DeepSeekV3(self.model_config)
         model.to_empty(device=target)
         model.init_weights(seed=self.training_config.seed)
-        self.model = self.plan.parallelize(model)
-        if self.training_config.activation_checkpointing != "none":
-            from lit_deepseek.training.checkpointing import apply_activation_checkpointing
-
-            apply_activation_checkpointing(self.model, self.training_config.activation_checkpointing)
-        parts = self.plan.model_parts(self.model)
-        if self.training_config.use_fp8:
-            from lit_deepseek.kernels.fp8 import convert_to_fp8
-
-            for part in parts:
-                convert_to_fp8(part)
-        if self.training_config.compile:
-            from lit_deepseek.kernels.compile import compile_blocks
-
-            for part in parts:
-                compile_blocks(part)
+        self.model = self.plan.parallelize(model, self.run_config)
 
     def configure_optimizers(self) -> Any:
-        parts = self.plan.model_parts(self.model)
-        optimizer = build_optimizer(parts, self.training_config, self.plan)
+        assert self.model is not None
+        optimizer, self.expert_balance = build_optimizer(self.plan, self.model, self.run_config)
         scheduler = build_scheduler(optimizer, self.training_config)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ------------------------------------------------------------------ loss
-    def loss_fn(self, model: nn.Module, h: Tensor, mtp_hiddens: list, labels: Tensor) -> LossParts:
-        head = model.head if hasattr(model, "head") else model.module.head
-        return model_loss(head.weight, h, mtp_hiddens, labels, self.model_config.mtp_loss_weight,
-                          self.training_config.loss_chunk_size)
+    def loss_fn(self, part: nn.Module, h: Tensor, mtp_hiddens: list, labels: Tensor) -> LossParts:
+        """Next-token + MTP loss of one micro-batch (`make_loss_fn`); override to change it."""
+        return self._loss(part, h, mtp_hiddens, labels)
 
     def forward(self, input_ids: Tensor, doc_ids: Optional[Tensor] = None) -> Tensor:
         return self.model(input_ids, doc_ids=doc_ids)
@@ -117,30 +121,29 @@ class DeepSeekLightningModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         t = self.training_config
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        parts = self.plan.forward_backward(self.model, batch, t.micro_batch_size, self.loss_fn, self.manual_backward)
-        if not torch.isfinite(parts.total):
-            optimizer.zero_grad(set_to_none=True)
-            self._discard_expert_stats()
-            skip = getattr(getattr(self._trainer, "datamodule", None), "on_step_skipped", None)
-            if skip is not None:
-                skip()  # the data stream still moves past this batch
+        assert self.model is not None
+        result = train_step(self.plan, self.model, batch, self.optimizers(), t, self.loss_fn,
+                            self.manual_backward, self.lr_schedulers())
+        if result.skipped:
+            if self.datamodule is not None:
+                self.datamodule.on_step_skipped()  # the data stream still moves past this batch
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
             self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, rank_zero_only=True)
             if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
                 self._stop_on_nonfinite()
-            return parts.total
+            return result.loss.total
         self.nonfinite_in_a_row = 0
-        params = [p for part in self.plan.model_parts(self.model) for p in part.parameters()]
-        grad_norm = self.plan.clip_grad_norm(params, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        self._update_experts()
-        self._log_step(parts, grad_norm, batch)
-        return parts.total
+        self._log_step(result, batch)
+        return result.loss.total
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning will write this step's metrics (so reading them off the device is worth
+        a host sync; other steps leave the device queue running ahead)."""
+        if self._trainer is None:
+            return True
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0 or self.trainer.should_stop \
+            or self.global_step >= self.trainer.max_steps > 0
 
     def _stop_on_nonfinite(self) -> None:
         t = self.training_config
@@ -154,38 +157,24 @@ class DeepSeekLightningModule(L.LightningModule):
                 self.trainer.save_checkpoint(path)
         raise NonFiniteLossError(msg + (f"; checkpoint saved to {path}" if path else ""))
 
-    def _moe_layers(self) -> list:
-        layers = []
-        for part in self.plan.model_parts(self.model):
-            get = getattr(part, "moe_layers", None)
-            layers.extend(get() if get else [])
-        return layers
+    @property
+    def last_expert_load(self) -> Optional[Tensor]:
+        """Per-layer, per-expert token counts of the last optimizer step (all ranks summed)."""
+        return self.expert_balance.last_load if self.expert_balance is not None else None
 
-    def _discard_expert_stats(self) -> None:
-        for moe in self._moe_layers():
-            moe.reset_stats()
-
-    @torch.no_grad()
-    def _update_experts(self) -> None:
-        moes = self._moe_layers()
-        if not moes:
-            return
-        loads = self.plan.all_reduce_expert_load(torch.stack([m.expert_load.float() for m in moes]))
-        if self.model_config.moe.use_aux_loss_free:
-            for moe, load in zip(moes, loads, strict=True):
-                moe.update_bias(load, self.model_config.moe.bias_update_speed)
-        self.last_expert_load = loads.detach().cpu()
-        dropped = sum(float(getattr(m, "dropped_tokens", 0.0)) for m in moes)
-        routed = sum(float(getattr(m, "routed_tokens", 0.0)) for m in moes)
-        self._drop_rate = dropped / routed if routed else 0.0
-        self._aux = float(sum(float(m.last_aux_loss) for m in moes if m.last_aux_loss is not None))
-        for moe in moes:
-            moe.reset_stats()
-
-    def _log_step(self, parts: LossParts, grad_norm: Tensor, batch: dict) -> None:
+    def _log_step(self, result: StepResult, batch: dict) -> None:
         t = self.training_config
+        parts, grad_norm = result.loss, result.grad_norm
         step_tokens = t.global_batch_size * batch["input_ids"].shape[1]
         self._tokens_seen += step_tokens
+        if self._throughput is not None and self._t0 is not None:
+            world = max(1, self.trainer.world_size)
+            step = self.global_step
+            self._throughput.update(time=time.perf_counter() - self._t0, batches=step,
+                                    samples=step * t.global_batch_size // world,
+                                    lengths=self._tokens_seen // world, flops=step_tokens * self._flops_per_token / world)
+        if not self._logs_this_step():
+            return
         metrics: dict[str, float] = {
             "train/loss": float(parts.main),
             "train/total_loss": float(parts.total),
@@ -197,26 +186,21 @@ class DeepSeekLightningModule(L.LightningModule):
         }
         if parts.mtp is not None:
             metrics["train/mtp_loss"] = float(parts.mtp)
-        if self.last_expert_load is not None:
-            load = self.last_expert_load
+        balance = self.expert_balance
+        if balance is not None and balance.last_load is not None:
+            load = balance.last_load.cpu()
             imbalance = load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)
             metrics["moe/max_imbalance"] = float(imbalance.max())
             metrics["moe/mean_imbalance"] = float(imbalance.mean())
             for i, value in enumerate(imbalance.tolist()):
                 metrics[f"moe/imbalance_layer{i}"] = value
-            metrics["moe/drop_rate"] = self._drop_rate
-            metrics["train/balance_loss"] = self._aux
-            biases = torch.stack([m.expert_bias.detach().float().cpu() for m in self._moe_layers()])
+            metrics["moe/drop_rate"] = balance.drop_rate
+            metrics["train/balance_loss"] = balance.balance_loss
+            biases = balance.biases()
             metrics["moe/bias_abs_mean"] = float(biases.abs().mean())
             metrics["moe/bias_max"] = float(biases.max())
             metrics["moe/bias_min"] = float(biases.min())
         if self._throughput is not None and self._t0 is not None:
-            elapsed = time.perf_counter() - self._t0
-            step = self.global_step
-            world = max(1, self.trainer.world_size)
-            self._throughput.update(time=elapsed, batches=step, samples=step * t.global_batch_size // world,
-                                    lengths=self._tokens_seen // world,
-                                    flops=step_tokens * self._flops_per_token / world)
             tp = self._throughput.compute()
             tokens_per_s = tp.get("items_per_sec", tp.get("device/items_per_sec"))  # global key only if world > 1
             if tokens_per_s is not None:
@@ -230,9 +214,8 @@ class DeepSeekLightningModule(L.LightningModule):
 
             # constant after the first steps unless something recompiles
             metrics["train/compiled_graphs"] = float(counters["stats"]["unique_graphs"])
-        skipped = getattr(getattr(self._trainer, "datamodule", None), "skipped_shards", None)
-        if skipped is not None:
-            metrics["data/skipped_shards"] = float(skipped)
+        if self.datamodule is not None:
+            metrics["data/skipped_shards"] = float(self.datamodule.skipped_shards)
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
         self.log("loss", float(parts.main), prog_bar=True, on_step=True, logger=False, rank_zero_only=True)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,17 +27,16 @@ def param_groups(parts: list[nn.Module], weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(parts: list[nn.Module], cfg: TrainingConfig, plan: Optional[Any] = None) -> torch.optim.Optimizer:
-    """AdamW over the model parts; a plan may wrap it (e.g. ZeRO-1 optimizer-state sharding)."""
+def build_adamw(parts: list[nn.Module], cfg: TrainingConfig, **overrides: Any) -> torch.optim.AdamW:
+    """AdamW over the model parts with the training section's settings (plans add their own options).
+
+    Plain CUDA parameters get the fused kernel (one pass instead of foreach's several)."""
     groups = param_groups(parts, cfg.weight_decay)
     kwargs: dict[str, Any] = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     params = [p for group in groups for p in group["params"]]
     if params and all(p.is_cuda and type(p) is nn.Parameter for p in params):
-        kwargs["fused"] = True  # one kernel per dtype/device group instead of foreach's several passes
-    make = getattr(plan, "build_optimizer", None)
-    if make is not None:
-        return make(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **{**kwargs, **overrides})
 
 
 def lr_multiplier(step: int, cfg: TrainingConfig) -> float:

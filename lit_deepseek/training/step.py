@@ -1,20 +1,72 @@
-"""The single-process training plan: how one optimizer step's micro-batches become gradients.
+"""One training step, shipped: the plan interface and the step every engine calls.
 
-`LocalPlan` defines the interface that `lit_deepseek.parallel.plan.DistributedPlan` implements for
-every parallel layout, so the LightningModule is the same code under any layout.
+`Plan` is the role a layout plays in a step (a typed `Protocol`): `LocalPlan` runs everything in
+one process, `lit_deepseek.parallel.plan.DistributedPlan` any TP x PP x EP x DP layout. `train_step`
+is the optimizer step itself (forward/backward over the micro-batches, non-finite skip, global
+gradient-norm clip, optimizer and schedule); the LightningModule, the Fabric example, the
+distributed parity tests and the training benchmark all call it. The aux-loss-free expert-bias
+update is an optimizer step hook (`ExpertBalance`), attached by `build_optimizer`, so no loop has
+to remember it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from lit_deepseek.training.loss import LossParts
+from lit_deepseek.training.loss import LossParts, model_loss
+
+if TYPE_CHECKING:
+    from lit_deepseek.config import DeepSeekConfig, ModelConfig, MoEConfig, TrainingConfig
 
 LossFn = Callable[[nn.Module, Tensor, list, Tensor], LossParts]
+Backward = Callable[[Tensor], None]
+
+
+class Plan(Protocol):
+    """What every layout offers a training loop (`LocalPlan`, `DistributedPlan`)."""
+
+    data_parallel_rank: int
+    """This rank's slice of each global batch (index in the EP x DP ranks)."""
+    data_parallel_size: int
+    """Ranks reading different data (EP x DP)."""
+
+    def parallelize(self, model: nn.Module, cfg: DeepSeekConfig) -> nn.Module:
+        """Apply the layout (and activation checkpointing, FP8, compile) to a plain model; returns
+        what the steps are called on."""
+        ...
+
+    def model_parts(self, model: nn.Module) -> list[nn.Module]:
+        """The modules holding this rank's parameters (several under pipeline parallelism)."""
+        ...
+
+    def build_optimizer(self, parts: list[nn.Module], training: TrainingConfig) -> torch.optim.Optimizer:
+        """AdamW over the parts, as this layout needs it (e.g. ZeRO-1 state sharding)."""
+        ...
+
+    def forward_backward(self, model: nn.Module, batch: dict, micro_batch_size: int, loss_fn: LossFn,
+                         backward: Optional[Backward] = None) -> LossParts:
+        """Forward and backward over this rank's micro-batches; the global batch's mean loss."""
+        ...
+
+    def evaluate(self, model: nn.Module, batch: dict, loss_fn: LossFn) -> LossParts:
+        ...
+
+    def clip_grad_norm(self, parameters: Iterable[Tensor], max_norm: float) -> Tensor:
+        """Global gradient norm (each element counted once), clipping to max_norm when > 0."""
+        ...
+
+    def all_reduce_expert_load(self, load: Tensor) -> Tensor:
+        """Per-expert loads summed over every rank routing tokens to the same experts."""
+        ...
+
+    def reduce_mean(self, value: Tensor) -> Tensor:
+        """Mean over data-parallel ranks of a value computed on the last stage, on every rank."""
+        ...
 
 
 def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
@@ -26,34 +78,59 @@ def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
             for i in range(0, n, micro_batch_size)]
 
 
+def set_aux_loss_grad_scale(parts: Iterable[nn.Module], scale: float) -> None:
+    """The balance loss enters backward with the same scale as each micro-batch's loss."""
+    for moe in moe_layers(parts):
+        moe.aux_loss_grad_scale = scale
+
+
+def moe_layers(parts: Iterable[nn.Module]) -> list[Any]:
+    """The MoE layers of every part (each part is a `DeepSeekV3` or a pipeline stage of one)."""
+    return [moe for part in parts for moe in part.moe_layers()]
+
+
+def make_loss_fn(model_cfg: ModelConfig, training: TrainingConfig) -> LossFn:
+    """Next-token + MTP loss through the part's output head, chunked by training.loss_chunk_size."""
+
+    def loss_fn(part: nn.Module, h: Tensor, mtp_hiddens: list, labels: Tensor) -> LossParts:
+        return model_loss(part.head.weight, h, mtp_hiddens, labels, model_cfg.mtp_loss_weight,
+                          training.loss_chunk_size)
+
+    return loss_fn
+
+
 class LocalPlan:
     """Everything on one process: gradient accumulation over the step's micro-batches."""
 
     data_parallel_rank: int = 0
     data_parallel_size: int = 1
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        return model
+    def parallelize(self, model: nn.Module, cfg: DeepSeekConfig) -> nn.Module:
+        from lit_deepseek.parallel.parallelize import parallelize
+
+        return parallelize(model, None, cfg).model
 
     def model_parts(self, model: nn.Module) -> list[nn.Module]:
-        """The modules holding this rank's parameters (several under pipeline parallelism)."""
         return [model]
 
+    def build_optimizer(self, parts: list[nn.Module], training: TrainingConfig) -> torch.optim.Optimizer:
+        from lit_deepseek.training.optim import build_adamw
+
+        return build_adamw(parts, training)
+
     def forward_backward(self, model: nn.Module, batch: dict, micro_batch_size: int, loss_fn: LossFn,
-                         backward: Optional[Callable[[Tensor], None]] = None) -> LossParts:
-        """Forward and backward over all micro-batches; returns the mean loss of the global batch."""
+                         backward: Optional[Backward] = None) -> LossParts:
         micro_batches = split_micro_batches(batch, micro_batch_size)
         n = len(micro_batches)
-        set_aux_loss_grad_scale(model, 1.0 / n)
+        set_aux_loss_grad_scale([model], 1.0 / n)
         backward = backward or (lambda loss: loss.backward())
-        acc: Optional[LossParts] = None
+        losses = []
         for mb in micro_batches:
             h, mtp = model(mb["input_ids"], doc_ids=mb.get("doc_ids"), return_hidden=True)
             parts = loss_fn(model, h, mtp, mb["labels"])
             backward(parts.total / n)
-            acc = _accumulate(acc, parts.detach(), n)
-        assert acc is not None
-        return acc
+            losses.append(parts.detach())
+        return LossParts.mean(losses)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch: dict, loss_fn: LossFn) -> LossParts:
@@ -61,30 +138,112 @@ class LocalPlan:
         return loss_fn(model, h, mtp, batch["labels"]).detach()
 
     def clip_grad_norm(self, parameters: Iterable[Tensor], max_norm: float) -> Tensor:
-        """Global gradient norm, clipping to max_norm when it is > 0."""
         params = [p for p in parameters if p.grad is not None]
         if max_norm > 0:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         return torch.nn.utils.get_total_norm([p.grad for p in params])
 
     def all_reduce_expert_load(self, load: Tensor) -> Tensor:
-        """Per-expert loads summed over every rank routing tokens to the same experts."""
         return load
 
     def reduce_mean(self, value: Tensor) -> Tensor:
-        """Mean of a scalar over data-parallel ranks (identity here)."""
         return value
 
 
-def set_aux_loss_grad_scale(model: nn.Module, scale: float) -> None:
-    moe_layers = getattr(model, "moe_layers", None)
-    for moe in moe_layers() if moe_layers else []:
-        moe.aux_loss_grad_scale = scale
+class ExpertBalance:
+    """Aux-loss-free balancing (report, section 2.1.2) as an optimizer step hook.
+
+    After every optimizer step: the per-expert loads of the step, summed over the ranks routing to
+    the same experts, move each expert's bias by ``bias_update_speed`` towards balance (when
+    ``use_aux_loss_free``); the step's loads, drop rate and balance loss stay readable for logging.
+    """
+
+    def __init__(self, plan: Plan, parts: list[nn.Module], moe: MoEConfig) -> None:
+        self.plan, self.parts, self.moe = plan, parts, moe
+        self.last_load: Optional[Tensor] = None
+        self._drop_rate: Optional[Tensor] = None
+        self._balance_loss: Optional[Tensor] = None
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> ExpertBalance:
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self.update())
+        return self
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Runs on the device without a host sync, so the next step can be queued behind it."""
+        layers = moe_layers(self.parts)
+        if not layers:
+            return
+        loads = self.plan.all_reduce_expert_load(torch.stack([m.expert_load.float() for m in layers]))
+        if self.moe.use_aux_loss_free:
+            for layer, load in zip(layers, loads, strict=True):
+                layer.update_bias(load, self.moe.bias_update_speed)
+        self.last_load = loads.detach()
+        routed = torch.stack([m.routed_tokens.float() for m in layers]).sum()
+        dropped = torch.stack([m.dropped_tokens.float() for m in layers]).sum()
+        self._drop_rate = dropped / routed.clamp(min=1)
+        aux = [m.last_aux_loss.float() for m in layers if m.last_aux_loss is not None]
+        self._balance_loss = torch.stack(aux).sum() if aux else None
+        for layer in layers:
+            layer.reset_stats()
+
+    @property
+    def drop_rate(self) -> float:
+        """Share of routed token copies dropped by expert capacity in the last step."""
+        return float(self._drop_rate) if self._drop_rate is not None else 0.0
+
+    @property
+    def balance_loss(self) -> float:
+        """Sequence-wise balance loss of the last step, summed over the MoE layers."""
+        return float(self._balance_loss) if self._balance_loss is not None else 0.0
+
+    def biases(self) -> Tensor:
+        return torch.stack([m.expert_bias.detach().float().cpu() for m in moe_layers(self.parts)])
 
 
-def _accumulate(acc: Optional[LossParts], parts: LossParts, n: int) -> LossParts:
-    scaled = LossParts(parts.total / n, parts.main / n, None if parts.mtp is None else parts.mtp / n)
-    if acc is None:
-        return scaled
-    return LossParts(acc.total + scaled.total, acc.main + scaled.main,
-                     None if acc.mtp is None else acc.mtp + scaled.mtp)
+def build_optimizer(plan: Plan, model: nn.Module, cfg: DeepSeekConfig) -> tuple[torch.optim.Optimizer, ExpertBalance]:
+    """The plan's optimizer over the model's parts, with the expert-bias update hooked to its step."""
+    parts = plan.model_parts(model)
+    optimizer = plan.build_optimizer(parts, cfg.training)
+    return optimizer, ExpertBalance(plan, parts, cfg.model.moe).attach(optimizer)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports: the global batch's mean loss and the gradient norm."""
+
+    loss: LossParts
+    grad_norm: Optional[Tensor]
+    """None when the loss was not finite and the step was skipped."""
+
+    @property
+    def skipped(self) -> bool:
+        return self.grad_norm is None
+
+
+def train_step(plan: Plan, model: nn.Module, batch: dict, optimizer: Any, training: TrainingConfig,
+               loss_fn: LossFn, backward: Optional[Backward] = None, scheduler: Optional[Any] = None) -> StepResult:
+    """One optimizer step over this rank's share of a global batch.
+
+    ``batch`` holds this data-parallel rank's micro-batches of the step (``[A*micro, S]``). A
+    non-finite loss skips the step (gradients and expert statistics dropped). ``optimizer`` may be
+    a Lightning or Fabric wrapper of the one `build_optimizer` made; ``backward`` the engine's
+    backward (e.g. ``fabric.backward``).
+    """
+    parts = plan.model_parts(model)
+    loss = plan.forward_backward(model, batch, training.micro_batch_size, loss_fn, backward)
+    if not torch.isfinite(loss.total):
+        optimizer.zero_grad(set_to_none=True)
+        for layer in moe_layers(parts):
+            layer.reset_stats()
+        return StepResult(loss, None)
+    grad_norm = plan.clip_grad_norm([p for part in parts for p in part.parameters()], training.grad_clip)
+    optimizer.step()  # ExpertBalance.update runs as its post-step hook
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return StepResult(loss, grad_norm)
+
+
+__all__ = ["Backward", "ExpertBalance", "LocalPlan", "LossFn", "Plan", "StepResult", "build_optimizer",
+           "make_loss_fn", "moe_layers", "set_aux_loss_grad_scale", "split_micro_batches", "train_step"]
