@@ -28,8 +28,8 @@ COPY pyproject.toml README.md ./
 COPY lit_deepseek ./lit_deepseek
 COPY configs ./configs
 COPY examples ./examples
-# the project itself, from this checkout, installed in place so that configs/ (the DeepSpeed config,
-# the shipped YAML files) stays next to the package
+# the project itself, from this checkout, installed in place: the shipped configs/ and examples/ stay
+# in /opt/lit-deepseek next to the package
 # hadolint ignore=DL3013
 RUN pip install -e ".[gpu]"
 
