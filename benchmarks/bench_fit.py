@@ -58,6 +58,7 @@ class Row:
     precision: str = "bf16-mixed"
     compile: bool = True
     fp8: bool = False
+    fp8_recipe: str = "blockwise"
     mtp: int = 1
     checkpoint_every: int = 0  # 0: no periodic save during the timed steps
 
@@ -66,7 +67,7 @@ class Row:
         parts = [self.config, f"s{self.seq}", f"m{self.micro}x{self.global_batch // self.micro}",
                  self.precision, "compile" if self.compile else "eager"]
         if self.fp8:
-            parts.append("fp8")
+            parts.append("fp8" if self.fp8_recipe == "blockwise" else f"fp8{self.fp8_recipe}")
         if self.checkpoint_every:
             parts.append(f"ckpt{self.checkpoint_every}")
         return "-".join(parts)
@@ -82,7 +83,7 @@ def default_rows() -> list[Row]:
                 rows.append(Row(config, seq, micro=micro, global_batch=8 * 4096 // seq, compile=compile_))
             rows.append(Row(config, seq, micro=micro, global_batch=8 * 4096 // seq, fp8=True))
         rows.append(Row(config, 4096, micro=2, global_batch=8))  # the config's own micro-batch 2
-    rows.append(Row("small", 4096, micro=8, global_batch=8, checkpoint_every=5))
+    rows.append(Row("small", 4096, micro=8, global_batch=8, checkpoint_every=8))  # stall of a periodic save
     return rows
 
 
@@ -98,7 +99,8 @@ def fit_command(row: Row, run_dir: Path, steps: int, log_every_n_steps: int) -> 
             "--training.seq_length", str(row.seq), "--training.micro_batch_size", str(row.micro),
             "--training.global_batch_size", str(row.global_batch), "--training.max_steps", str(steps),
             "--training.precision", row.precision, "--training.compile", str(row.compile).lower(),
-            "--training.use_fp8", str(row.fp8).lower(), "--training.lr_warmup_steps", "2",
+            "--training.use_fp8", str(row.fp8).lower(), "--training.fp8_recipe", row.fp8_recipe,
+            "--training.lr_warmup_steps", "2",
             "--training.val_every_n_steps", str(10 * steps), "--training.val_batches", "1",
             "--model.mtp_depth", str(row.mtp),
             "--model.mla.max_context_length", str(max(row.seq, 8192)),

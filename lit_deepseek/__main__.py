@@ -1,7 +1,7 @@
 """Console entry point `lit-deepseek`.
 
 Training subcommands (fit, validate, test) go through LitDeepSeekCLI; tool subcommands
-(summary, prepare-data, convert) are plain functions with their own flags.
+(summary, prepare-data, convert, generate) are plain functions with their own flags.
 """
 
 from __future__ import annotations
@@ -37,11 +37,18 @@ def _convert(argv: list[str]) -> int:
     return convert_main(argv)
 
 
+def _generate(argv: list[str]) -> int:
+    from lit_deepseek.generate import generate_main
+
+    return generate_main(argv)
+
+
 TOOLS: dict[str, Callable[[list[str]], int]] = {
     "summary": _summary,
     "plan": _plan,
     "prepare-data": _prepare_data,
     "convert": _convert,
+    "generate": _generate,
 }
 
 

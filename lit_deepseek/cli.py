@@ -99,10 +99,14 @@ class LitDeepSeekCLI(LightningCLI):
         self.world_size = resolve_world_size(trainer_ns)
         self.layout = validate_config(self.deepseek_config, self.world_size)
         check_strategy(self.deepseek_config, self.layout, trainer_ns.get("strategy", "auto"))
-        if self.deepseek_config.training.use_fp8:  # the hardware, checked here: validation probes no device
+        training = self.deepseek_config.training
+        if training.use_fp8:  # the hardware, checked here: validation probes no device
+            import torch
+
             from lit_deepseek.kernels.fp8 import check_fp8_supported
 
-            check_fp8_supported()
+            if torch.cuda.is_available():  # without CUDA, FP8 runs as its float32 emulation (one warning)
+                check_fp8_supported(training.fp8_recipe)
         if self.subcommand == "fit":
             check_device_memory(self.deepseek_config, self.world_size, trainer_ns.get("accelerator"))
         from lit_deepseek.training.callbacks import checkpoint_dir
@@ -149,6 +153,10 @@ class LitDeepSeekCLI(LightningCLI):
         callbacks: list[Any] = checkpoint_callbacks(cfg.checkpoint, checkpoint_dir(cfg))
         callbacks.append(TrackConfig(cfg, trainer_cfg))
         callbacks.append(ExpertLoadHeatmap(lg.heatmap_every_n_steps, out_dir=os.path.join(lg.run_dir, "plots")))
+        if lg.sample_prompts:
+            from lit_deepseek.training.samples import SampleGenerations
+
+            callbacks.append(SampleGenerations(lg.sample_prompts, lg.sample_max_new_tokens, cfg.data.tokenizer))
         config["callbacks"] = callbacks
         if user_logger is False:
             config["logger"] = False

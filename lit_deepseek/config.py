@@ -62,11 +62,11 @@ class MLAConfig:
     v_head_dim: int = 64
     """Per-head value dimension."""
     use_fp8_kv: bool = False
-    """Store the decoding KV (latent) cache in FP8 (needs FP8 hardware, compute capability >= 8.9)."""
+    """Store the decoding latent cache in FP8 e4m3 with per-token scales (half the memory; decoding only)."""
     max_context_length: int = 8192
     """Maximum sequence length the rotary tables are built for (YaRN stretches the original context to it)."""
     use_flash_mla: bool = False
-    """Use FlashMLA decode kernels when installed on Hopper; otherwise the PyTorch path is used with a warning."""
+    """Decode through FlashMLA when installed (Hopper, bf16 cache); otherwise our Triton kernel, with one warning."""
     rope_theta: float = 10000.0
     """Rotary base frequency."""
     rope_factor: float = 1.0
@@ -216,7 +216,11 @@ class TrainingConfig:
     seq_length: int = 4096
     """Tokens per training sequence."""
     use_fp8: bool = False
-    """FP8 training of linear layers and experts (needs compute capability >= 8.9)."""
+    """FP8 training of linear layers and experts (Hopper GPU; on CPU its float32 emulation)."""
+    fp8_recipe: Literal["blockwise", "rowwise"] = "blockwise"
+    """FP8 scaling: blockwise = DeepSeek-V3's 1x128 activation tiles and 128x128 weight blocks; rowwise = one scale per row."""
+    fp8_exclude: list[str] = field(default_factory=lambda: ["embed", "head", "gate"])
+    """Modules kept in BF16 under use_fp8 (names or glob patterns; default embedding, output head, MoE router)."""
     precision: Literal["bf16-mixed", "32-true", "bf16-true", "16-mixed"] = "bf16-mixed"
     """Lightning precision plugin."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -299,6 +303,10 @@ class LoggingConfig:
     """Peak dense bf16 TFLOP/s per device for MFU; null = 989 on H100/H200, Lightning's table otherwise."""
     progress_bar: bool = True
     """Show a progress bar."""
+    sample_prompts: Optional[list[str]] = None
+    """Prompts to continue (greedy) after each validation, logged to MLflow as text artifacts; null = off."""
+    sample_max_new_tokens: int = 48
+    """New tokens per sample prompt."""
 
 
 @dataclass
@@ -409,6 +417,11 @@ def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> La
     need(t.lr_warmup_steps >= 0, f"training.lr_warmup_steps: must be >= 0, got {t.lr_warmup_steps}")
     need(t.min_learning_rate <= t.learning_rate,
          f"training.min_learning_rate: {t.min_learning_rate} must not exceed training.learning_rate ({t.learning_rate})")
+    need(cfg.logging.sample_max_new_tokens >= 1,
+         f"logging.sample_max_new_tokens: must be >= 1, got {cfg.logging.sample_max_new_tokens}")
+    if cfg.logging.sample_prompts:
+        need(all(isinstance(p, str) and p for p in cfg.logging.sample_prompts),
+             "logging.sample_prompts: every prompt must be a non-empty string")
     need(t.grad_clip >= 0, f"training.grad_clip: must be >= 0 (0 disables), got {t.grad_clip}")
 
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size", "virtual_pipeline_stages"):
@@ -416,6 +429,12 @@ def validate_config(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> La
         need(value >= 1, f"parallel.{name}: must be >= 1, got {value}")
     need(p.data_parallel_size == -1 or p.data_parallel_size >= 1,
          f"parallel.data_parallel_size: must be >= 1 or -1 (auto), got {p.data_parallel_size}")
+    need(t.fp8_recipe in ("blockwise", "rowwise"),
+         f"training.fp8_recipe: must be blockwise or rowwise, got {t.fp8_recipe!r}")
+    need(isinstance(t.fp8_exclude, (list, tuple)) and all(isinstance(p, str) and p.strip() == p and p
+                                                         for p in t.fp8_exclude),
+         f"training.fp8_exclude: must be a list of module names or glob patterns (non-empty, no surrounding spaces), "
+         f"got {t.fp8_exclude!r}")
     from lit_deepseek.parallel.layout import resolve_layout
 
     return resolve_layout(cfg, world_size)  # the rules that join sections and the world size

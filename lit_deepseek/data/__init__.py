@@ -1,11 +1,26 @@
-"""Data: tokenizers, `prepare-data` (text -> webdataset shards), the demo corpus and the DataModule."""
+"""Data: tokenizers, `prepare-data` (text -> webdataset shards), the demo corpus and the DataModule.
 
-from lit_deepseek.data.corpus import ensure_default_corpus
-from lit_deepseek.data.datamodule import DeepSeekDataModule, PackedSequenceDataset, TokenStream, resolve_shards
-from lit_deepseek.data.prepare import prepare_data, prepare_data_cli, read_manifest
-from lit_deepseek.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+Names are imported on first use, so tools that only need a tokenizer (`generate`) do not pay for
+importing Lightning.
+"""
 
-__all__ = [
-    "ByteTokenizer", "DeepSeekDataModule", "HFTokenizer", "PackedSequenceDataset", "TokenStream", "Tokenizer",
-    "ensure_default_corpus", "load_tokenizer", "prepare_data", "prepare_data_cli", "read_manifest", "resolve_shards",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ensure_default_corpus": "corpus",
+    "DeepSeekDataModule": "datamodule", "PackedSequenceDataset": "datamodule", "TokenStream": "datamodule",
+    "resolve_shards": "datamodule",
+    "prepare_data": "prepare", "prepare_data_cli": "prepare", "read_manifest": "prepare",
+    "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lit_deepseek.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lit_deepseek.data.{_WHERE[name]}"), name)

@@ -1,23 +1,50 @@
-"""FP8 training of the linear layers and the routed experts, with row-wise scaling.
+"""FP8 training of the linear layers and the routed experts: DeepSeek-V3's fine-grained recipe.
 
-Every matrix product of a converted layer, forward and backward, is written as `A @ B.T` with both
-operands quantized to float8 e4m3 along the contraction dimension: one float32 scale per row of A
-and per row of B (a power of two, so scaling is exact), and the product accumulated in float32 by
-`torch._scaled_mm` (linear layers) or `torch._scaled_grouped_mm` (experts, forward and input
-gradient; the expert weight gradient, a product over each expert's own tokens, stays in bf16
-through the grouped GEMM). Row-wise scales follow each token and each output channel, so one
-outlier only coarsens its own row, the property DeepSeek-V3's 1x128 / 128x128 tiles aim at too.
+Two recipes (`training.fp8_recipe`); both quantize to float8 e4m3 with power-of-two float32 scales
+(exact to apply) and accumulate in float32. Master weights, gradients and optimizer states keep
+their dtype; only the operands of the matrix products are quantized, freshly at every call.
+
+**blockwise** (default; DeepSeek-V3's recipe): activations and gradients in 1x128 tiles (one scale
+per row and 128 channels of the contraction dimension), weights in 128x128 blocks. Per product
+of `y = x @ w.T` (x [tokens, K], w [N, K]):
+
+| product | left operand | right operand |
+| --- | --- | --- |
+| forward  `y = x @ w.T`       | x: 1x128 along K (per token)       | w: 128x128 blocks |
+| input gradient `dx = dy @ w` | dy: 1x128 along N (per token)      | w: the same 128x128 blocks, transposed |
+| weight gradient `dw = dy.T @ x` | dy.T: 1x128 along the tokens (per output channel) | x.T: 1x128 along the tokens (per input channel) |
+
+The weight is quantized once per step of a layer and reused, transposed, for the input gradient
+(a 128x128 block stays a block under transposition). Dimensions that are not multiples of 128 are
+zero-padded (zeros add nothing to a product). Dense layers run `torch._scaled_mm` with cuBLAS
+block scaling (Hopper); the routed experts run the Triton grouped kernels of
+`lit_deepseek.kernels.fp8_triton` (torch has no block-scaled grouped GEMM), or, without Triton or
+with LIT_DEEPSEEK_FP8_GROUPED=loop, one `torch._scaled_mm` per expert (slower; warns once).
+
+**rowwise**: one scale per row of each operand along the contraction dimension, through
+`torch._scaled_mm` / `torch._scaled_grouped_mm`; the expert weight gradient stays in bf16.
+
+What stays in BF16/FP32 (`training.fp8_exclude`, default DeepSeek-V3's choice): the embedding, the
+output head and the MoE router (`gate`) by name; norms, RoPE, the attention core
+(softmax(QK^T)V) and the loss have no linear layer and are never converted. MLA projections,
+dense and shared-expert MLPs, routed experts and the MTP projection run in FP8.
 
 Layers keep their class hierarchy and parameter names (`convert_to_fp8` swaps `__class__`), so
-checkpoints, optimizers and parallel plans are unaffected. Each layer has a reference path with
-the same quantization emulated in float32 (`emulate=True`, runs anywhere, also on CPU) and the
-plain bf16 layer is one flag away (`fp8_enabled = False`).
+checkpoints, optimizers and parallel plans are unaffected; DTensor (tensor-parallel) weights are
+multiplied shard by shard. Each product has a reference path that runs the same quantization in
+float32 (quantize, dequantize, multiply): the path used on CPU (`emulate=None` picks it for
+non-CUDA inputs) and the one the kernel tests compare against. `fp8_enabled = False` gives back
+the plain layer.
 
-Use: `convert_to_fp8(model)` after the model is on the GPU and before `torch.compile`.
+Use: `convert_to_fp8(model, recipe=..., exclude=...)` before `torch.compile`.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import os
+import warnings
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -26,11 +53,32 @@ from torch import Tensor, nn
 
 from lit_deepseek.config import ConfigError
 from lit_deepseek.model.moe import GroupedExperts
+from lit_deepseek.precision import compute_dtype
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-#: module names (last path component) that stay in high precision
-DEFAULT_SKIP = ("head", "lm_head", "embed", "embed_tokens", "gate")
+BLOCK = 128
+RECIPES = ("blockwise", "rowwise")
+#: module names (or glob patterns) that stay in high precision: embedding, output head, MoE router
+DEFAULT_EXCLUDE = ("embed", "head", "gate")
+DEFAULT_SKIP = DEFAULT_EXCLUDE
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _pow2_scale(amax: Tensor) -> Tensor:
+    """The power-of-two multiplier that maps amax to at most 448 (the e4m3 maximum)."""
+    return torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax.float().clamp(min=1e-12))))
+
+
+def _to_e4m3(x: Tensor, scale: Tensor) -> Tensor:
+    return (x.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 # ---------------------------------------------------------------------------------- quantization
@@ -39,16 +87,54 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
     The scale is a power of two chosen so that the row's largest magnitude fits under 448.
     """
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    scale = torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax)))
-    q = (x.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return q, scale.reciprocal()
+    scale = _pow2_scale(x.detach().abs().amax(dim=-1, keepdim=True))
+    return _to_e4m3(x, scale), scale.reciprocal()
+
+
+def _pad_to(x: Tensor, dim: int, multiple: int = BLOCK) -> Tensor:
+    """Zero-pad dimension `dim` of x up to a multiple of `multiple` (no copy when aligned)."""
+    size = x.shape[dim]
+    pad = -size % multiple
+    if pad == 0:
+        return x
+    dim = dim % x.dim()
+    return F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, pad])
+
+
+def quantize_1x128(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., K] -> (e4m3 [..., Kp], float32 dequantization scales [..., Kp/128]): one scale per
+    1x128 tile along the last dimension, which is zero-padded to Kp, a multiple of 128."""
+    tiles = _pad_to(x, -1).unflatten(-1, (-1, BLOCK))
+    scale = _pow2_scale(tiles.detach().abs().amax(dim=-1, keepdim=True))
+    return _to_e4m3(tiles, scale).flatten(-2), scale.squeeze(-1).reciprocal()
+
+
+def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [..., N, K] -> (e4m3 [..., Np, Kp], float32 dequantization scales [..., Np/128, Kp/128]):
+    one scale per 128x128 block; both dimensions zero-padded to multiples of 128."""
+    w = _pad_to(_pad_to(w, -1), -2)
+    *lead, n, k = w.shape
+    blocks = w.reshape(*lead, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    scale = _pow2_scale(blocks.detach().abs().amax(dim=(-3, -1), keepdim=True))
+    q = _to_e4m3(blocks, scale).reshape(*lead, n, k)
+    return q, scale.reshape(*lead, n // BLOCK, k // BLOCK).reciprocal()
+
+
+def dequantize_1x128(q: Tensor, s: Tensor) -> Tensor:
+    """Inverse of `quantize_1x128` (float32, padded shape)."""
+    return (q.float().unflatten(-1, (-1, BLOCK)) * s.unsqueeze(-1)).flatten(-2)
+
+
+def dequantize_128x128(q: Tensor, s: Tensor) -> Tensor:
+    """Inverse of `quantize_128x128` (float32, padded shape)."""
+    return q.float() * s.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)
 
 
 def _aligned(*dims: int) -> bool:
     return all(d % 16 == 0 for d in dims)
 
 
+# ---------------------------------------------------------------------------------- rowwise, dense
 def fp8_mm_t(a: Tensor, b: Tensor, emulate: bool = False, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """a [M, K] @ b[N, K].T with both quantized row-wise along K (float32 accumulation).
 
@@ -58,6 +144,8 @@ def fp8_mm_t(a: Tensor, b: Tensor, emulate: bool = False, out_dtype: torch.dtype
     """
     (_m, k), n = a.shape, b.shape[0]
     if not emulate and not _aligned(k, n):
+        _warn_once("rowwise-unaligned", f"training.fp8_recipe rowwise: products with dimensions that are not "
+                                        f"multiples of 16 (here K={k}, N={n}) run in {out_dtype}")
         return (a.to(out_dtype) @ b.to(out_dtype).t())
     aq, sa = quantize_rows(a)
     bq, sb = quantize_rows(b)
@@ -110,24 +198,159 @@ class _Fp8Linear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+# ---------------------------------------------------------------------------------- blockwise, dense
+#: row stride of the 128x128 weight scales that cuBLAS takes: torch 2.9-2.11 want ceil(K/128)
+#: rounded up to a multiple of 4 (16-byte aligned), later versions ceil(K/128) itself; found by
+#: trial at the first call whose ceil(K/128) is not a multiple of 4 (where the two differ)
+_WEIGHT_SCALE_PAD4: Optional[bool] = None
+
+
+def cublas_block_scales(sa: Tensor, sb: Tensor, b_blocks: bool, pad4: bool = False) -> tuple[Tensor, Tensor]:
+    """The scale tensors `torch._scaled_mm(aq, bq.t(), ...)` takes for 1x128 scales sa [M, Kt] of aq
+    and 128x128 [N/128, Kt] (b_blocks) or 1x128 [N, Kt] scales sb of bq (torch's rules): scale_a
+    (M, Kt) column-major (outer-dim-major); 1x128 scale_b (Kt, N) row-major; 128x128 scale_b
+    (Kt, N/128) whose transpose is row-major with row stride Kt (pad4: Kt rounded up to 4)."""
+    scale_a = sa.t().contiguous().t()
+    if not b_blocks:
+        return scale_a, sb.t().contiguous()
+    nt, kt = sb.shape
+    ld = -(-kt // 4) * 4 if pad4 else kt
+    buf = sb.new_zeros(nt, ld)
+    buf[:, :kt] = sb
+    return scale_a, buf[:, :kt].t()
+
+
+@torch.library.custom_op("lit_deepseek::blockwise_mm_t", mutates_args=())
+def _blockwise_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
+    """aq [M, Kp] e4m3 with 1x128 scales sa [M, Kt]; bq [N, Kp] e4m3 with 128x128 scales [N/128, Kt]
+    (b_blocks) or 1x128 scales [N, Kt] -> bf16 [M, N] by cuBLAS block-scaled `torch._scaled_mm`."""
+    global _WEIGHT_SCALE_PAD4
+    m = aq.shape[0]
+    if m % 16:  # rows (and the column-major scale_a stride) padded to 16: cuBLAS alignment
+        aq, sa = _pad_to(aq.view(torch.uint8), 0, 16).view(aq.dtype), _pad_to(sa, 0, 16)
+    a, b = aq.contiguous(), bq.contiguous().t()
+
+    def run(pad4: bool) -> Tensor:
+        scale_a, scale_b = cublas_block_scales(sa, sb, b_blocks, pad4)
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)[:m]
+
+    if not b_blocks or _WEIGHT_SCALE_PAD4 is not None or sb.shape[1] % 4 == 0:
+        return run(bool(_WEIGHT_SCALE_PAD4))
+    try:
+        out = run(True)
+        _WEIGHT_SCALE_PAD4 = True
+    except RuntimeError:
+        out = run(False)
+        _WEIGHT_SCALE_PAD4 = False
+    return out
+
+
+@_blockwise_mm_t_op.register_fake
+def _(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
+    return aq.new_empty(aq.shape[0], bq.shape[0], dtype=torch.bfloat16)
+
+
+def blockwise_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool, emulate: bool) -> Tensor:
+    """Quantized aq [M, Kp] (1x128 scales) times quantized bq [N, Kp] (128x128 blocks if b_blocks,
+    else 1x128 tiles), transposed -> [M, N]: the FP8 kernel (bf16 out) or, emulate=True, the float32
+    product of the dequantized operands (the reference path)."""
+    if emulate:
+        b = dequantize_128x128(bq, sb) if b_blocks else dequantize_1x128(bq, sb)
+        return dequantize_1x128(aq, sa) @ b.t()
+    return _blockwise_mm_t_op(aq, sa, bq, sb, b_blocks)
+
+
+def blockwise_wgrad(g: Tensor, x: Tensor, emulate: bool) -> Tensor:
+    """g [T, N], x [T, K] -> g.T @ x [Np, Kp] with both operands in 1x128 tiles along the tokens T."""
+    gq, sg = quantize_1x128(_pad_to(g, -1).t())
+    xq, sx = quantize_1x128(_pad_to(x, -1).t())
+    return blockwise_mm_t(gq, sg, xq, sx, False, emulate)
+
+
+class _BlockwiseLinear(torch.autograd.Function):
+    """y = x @ w.T with the three products of forward and backward in block-scaled FP8."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, emulate: bool, out_dtype: torch.dtype) -> Tensor:
+        wq, sw = quantize_128x128(w)
+        xq, sx = quantize_1x128(x)
+        ctx.save_for_backward(x, wq, sw)
+        ctx.emulate, ctx.w_shape, ctx.w_dtype = emulate, w.shape, w.dtype
+        return blockwise_mm_t(xq, sx, wq, sw, True, emulate)[:, :w.shape[0]].to(out_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        x, wq, sw = ctx.saved_tensors
+        (n, k), emulate = ctx.w_shape, ctx.emulate
+        gq, sg = quantize_1x128(g)
+        grad_x = blockwise_mm_t(gq, sg, wq.t().contiguous(), sw.t(), True, emulate)[:, :k]
+        grad_w = blockwise_wgrad(g, x, emulate)[:n, :k]
+        return grad_x.to(x.dtype), grad_w.to(ctx.w_dtype), None, None
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _linear_placements(x: Any, w: Any, out_ndim: int) -> tuple[list, list, list]:
+    """For y = x @ w.T with a DTensor weight w [N, K] and input x (DTensor or local), computed on
+    the local shards: the placements of y, and those that the local gradients of x and w have
+    (Partial where a rank's local product holds only part of a sum)."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    x_places = x.placements if _is_dtensor(x) else [Replicate()] * len(w.placements)
+    out, grad_x, grad_w = [], [], []
+    for wp, xp in zip(w.placements, x_places, strict=True):
+        tokens_sharded = xp.is_shard() and not xp.is_shard(x.ndim - 1)
+        if wp.is_shard(0):
+            out.append(Shard(out_ndim - 1))
+        elif wp.is_shard(1) or xp.is_shard(x.ndim - 1):
+            out.append(Partial())
+        else:
+            out.append(xp)
+        grad_x.append(Partial() if wp.is_shard(0) and xp.is_replicate() else xp)
+        grad_w.append(Partial() if wp.is_replicate() and tokens_sharded else wp)
+    return out, grad_x, grad_w
+
+
 class Float8Linear(nn.Linear):
-    """nn.Linear whose products run in FP8 (row-wise scales); same parameters and state dict."""
+    """nn.Linear whose products run in FP8 (`fp8_recipe`: blockwise or rowwise); same parameters
+    and state dict. `fp8_emulate=None` uses the kernels on CUDA inputs and the float32 emulation
+    elsewhere; a DTensor weight (tensor parallelism) is multiplied shard by shard."""
 
     fp8_enabled: bool = True
-    fp8_emulate: bool = False
+    fp8_emulate: Optional[bool] = None
+    fp8_recipe: str = "blockwise"
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.fp8_enabled:
             return F.linear(x, self.weight, self.bias)
-        shape = x.shape
-        y = _Fp8Linear.apply(x.reshape(-1, shape[-1]), self.weight, self.fp8_emulate)
-        y = y.view(*shape[:-1], y.shape[-1])
+        w = self.weight
+        if _is_dtensor(w):
+            from torch.distributed.tensor import DTensor
+
+            out, grad_x, grad_w = _linear_placements(x, w, x.dim())
+            x_local = x.to_local(grad_placements=grad_x) if _is_dtensor(x) else x
+            y = self._product(x_local, w.to_local(grad_placements=grad_w))
+            y = DTensor.from_local(y, w.device_mesh, out, run_check=False)
+        else:
+            y = self._product(x, w)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
 
+    def _product(self, x: Tensor, w: Tensor) -> Tensor:
+        shape, out_dtype = x.shape, compute_dtype(x)
+        emulate = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
+        x2 = x.reshape(-1, shape[-1])
+        if self.fp8_recipe == "blockwise":
+            y = _BlockwiseLinear.apply(x2, w, emulate, out_dtype)
+        else:
+            y = _Fp8Linear.apply(x2, w, emulate).to(out_dtype)
+        return y.view(*shape[:-1], y.shape[-1])
 
-# ---------------------------------------------------------------------------------- experts
+
+# ---------------------------------------------------------------------------------- rowwise, experts
 def _grouped_mm() -> Any:
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -195,19 +418,140 @@ def fp8_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = Fa
     return _Fp8GroupedLinear.apply(x, w, offsets, emulate)
 
 
+# ---------------------------------------------------------------------------------- blockwise, experts
+def _group_bounds(offsets: Tensor) -> list[tuple[int, int, int]]:
+    bounds, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        bounds.append((e, start, end))
+        start = end
+    return bounds
+
+
+def _grouped_backend() -> str:
+    """'triton' (the grouped kernels) or 'loop' (one `torch._scaled_mm` per expert; warns once)."""
+    choice = os.environ.get("LIT_DEEPSEEK_FP8_GROUPED", "triton")
+    if choice == "triton":
+        try:
+            import triton  # noqa: F401
+            return "triton"
+        except ImportError:
+            choice = "loop"
+    _warn_once("grouped-loop", "training.fp8_recipe blockwise: routed experts run one torch._scaled_mm per expert "
+                               "(Triton unavailable or LIT_DEEPSEEK_FP8_GROUPED=loop); slower than the grouped kernel")
+    return "loop"
+
+
+@torch.library.custom_op("lit_deepseek::blockwise_grouped_mm_t", mutates_args=())
+def _blockwise_grouped_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor) -> Tensor:
+    """Rows of aq [M, Kp] (1x128 scales) sorted by group, times bq[e] [Np, Kp] (128x128 scales) -> bf16 [M, Np]."""
+    if _grouped_backend() == "triton":
+        from lit_deepseek.kernels.fp8_triton import grouped_mm_t
+
+        return grouped_mm_t(aq, sa, bq, sb, offsets)
+    out = aq.new_zeros(aq.shape[0], bq.shape[1], dtype=torch.bfloat16)
+    for e, start, end in _group_bounds(offsets):
+        if end > start:
+            out[start:end] = _blockwise_mm_t_op(aq[start:end], sa[start:end], bq[e], sb[e], True)
+    return out
+
+
+@_blockwise_grouped_mm_t_op.register_fake
+def _(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor) -> Tensor:
+    return aq.new_empty(aq.shape[0], bq.shape[1], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("lit_deepseek::blockwise_grouped_wgrad", mutates_args=())
+def _blockwise_grouped_wgrad_op(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor:
+    """gq [Np, Mp], xq [Kp, Mp] (1x128 scales along the tokens) -> float32 [E, Np, Kp], group e
+    summing over its own tokens."""
+    if _grouped_backend() == "triton":
+        from lit_deepseek.kernels.fp8_triton import grouped_wgrad
+
+        return grouped_wgrad(gq, sg, xq, sx, offsets)
+    out = gq.new_zeros(offsets.numel(), gq.shape[0], xq.shape[0], dtype=torch.float32)
+    for e, start, end in _group_bounds(offsets):
+        if end > start:
+            t0, t1 = start // BLOCK * BLOCK, -(-end // BLOCK) * BLOCK
+            a, b = gq[:, t0:t1].clone(), xq[:, t0:t1].clone()
+            for q in (a, b):  # zero bits are +0.0 in e4m3: drop the neighbouring groups' tokens
+                q.view(torch.uint8)[:, :start - t0] = 0
+                q.view(torch.uint8)[:, end - t0:] = 0
+            out[e] = _blockwise_mm_t_op(a, sg[:, t0 // BLOCK:t1 // BLOCK], b, sx[:, t0 // BLOCK:t1 // BLOCK], False)
+    return out
+
+
+@_blockwise_grouped_wgrad_op.register_fake
+def _(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor:
+    return gq.new_empty(offsets.shape[0], gq.shape[0], xq.shape[0], dtype=torch.float32)
+
+
+def blockwise_grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
+    """Grouped `blockwise_mm_t`: rows offsets[e-1]:offsets[e] of aq times bq[e].T -> [M, Np]."""
+    if not emulate:
+        return _blockwise_grouped_mm_t_op(aq, sa, bq, sb, offsets)
+    a, b = dequantize_1x128(aq, sa), dequantize_128x128(bq, sb)
+    out = a.new_zeros(a.shape[0], b.shape[1])
+    for e, start, end in _group_bounds(offsets):
+        if end > start:
+            out[start:end] = a[start:end] @ b[e].t()
+    return out
+
+
+def blockwise_grouped_wgrad(g: Tensor, x: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
+    """Per group e: g_e.T @ x_e -> [E, Np, Kp], both operands in 1x128 tiles along the tokens."""
+    gq, sg = quantize_1x128(_pad_to(g, -1).t())
+    xq, sx = quantize_1x128(_pad_to(x, -1).t())
+    if not emulate:
+        return _blockwise_grouped_wgrad_op(gq, sg, xq, sx, offsets)
+    gd, xd = dequantize_1x128(gq, sg), dequantize_1x128(xq, sx)
+    out = gd.new_zeros(offsets.numel(), gd.shape[0], xd.shape[0])
+    for e, start, end in _group_bounds(offsets):
+        if end > start:
+            out[e] = gd[:, start:end] @ xd[:, start:end].t()
+    return out
+
+
+class _BlockwiseGroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
+        wq, sw = quantize_128x128(w)
+        xq, sx = quantize_1x128(x)
+        ctx.save_for_backward(x, wq, sw, offsets)
+        ctx.emulate, ctx.w_shape, ctx.w_dtype = emulate, w.shape, w.dtype
+        return blockwise_grouped_mm_t(xq, sx, wq, sw, offsets, emulate)[:, :w.shape[1]].to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        x, wq, sw, offsets = ctx.saved_tensors
+        (_e, n, k), emulate = ctx.w_shape, ctx.emulate
+        gq, sg = quantize_1x128(g)
+        wt, swt = wq.transpose(-2, -1).contiguous(), sw.transpose(-2, -1).contiguous()
+        grad_x = blockwise_grouped_mm_t(gq, sg, wt, swt, offsets, emulate)[:, :k]
+        grad_w = blockwise_grouped_wgrad(g, x, offsets, emulate)[:, :n, :k]
+        return grad_x.to(x.dtype), grad_w.to(ctx.w_dtype), None, None
+
+
+def fp8_blockwise_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = False) -> Tensor:
+    """Differentiable grouped x_e @ w[e].T (w [E, N, K]) with all three products in block-scaled FP8."""
+    return _BlockwiseGroupedLinear.apply(x, w, offsets, emulate)
+
+
 class Float8GroupedExperts(GroupedExperts):
     """Routed SwiGLU experts with FP8 grouped products; same parameters as GroupedExperts."""
 
     fp8_enabled: bool = True
-    fp8_emulate: bool = False
+    fp8_emulate: Optional[bool] = None
+    fp8_recipe: str = "blockwise"
 
     def forward(self, x: Tensor, counts: Tensor, use_grouped_mm: Optional[bool] = None) -> Tensor:
         if not self.fp8_enabled:
             return super().forward(x, counts, use_grouped_mm)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        e = self.fp8_emulate
-        h = F.silu(fp8_grouped_linear(x, self.w1, offsets, e)) * fp8_grouped_linear(x, self.w3, offsets, e)
-        return fp8_grouped_linear(h, self.w2, offsets, e).to(x.dtype)
+        e = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
+        x = x.to(compute_dtype(x))  # as GroupedExperts: the autocast dtype under mixed precision
+        mm = fp8_blockwise_grouped_linear if self.fp8_recipe == "blockwise" else fp8_grouped_linear
+        h = F.silu(mm(x, self.w1, offsets, e)) * mm(x, self.w3, offsets, e)
+        return mm(h, self.w2, offsets, e).to(x.dtype)
 
 
 def float8_experts_class() -> type:
@@ -216,52 +560,86 @@ def float8_experts_class() -> type:
 
 
 # ---------------------------------------------------------------------------------- conversion
-def check_fp8_supported() -> None:
-    """Raise ConfigError unless a CUDA GPU with compute capability >= 8.9 is present."""
+def check_fp8_supported(recipe: str = "blockwise") -> None:
+    """Raise ConfigError unless a CUDA GPU runs `recipe`: compute capability >= 8.9 (rowwise) or
+    >= 9.0 (blockwise, cuBLAS block scaling)."""
+    need = (9, 0) if recipe == "blockwise" else (8, 9)
     if not torch.cuda.is_available():
-        raise ConfigError("training.use_fp8: FP8 training needs a CUDA GPU with compute capability >= 8.9; "
-                          "none is available")
+        raise ConfigError(f"training.use_fp8: FP8 training needs a CUDA GPU with compute capability >= "
+                          f"{need[0]}.{need[1]}; none is available")
     major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        raise ConfigError(f"training.use_fp8: FP8 training needs compute capability >= 8.9, "
-                          f"this GPU has {major}.{minor}")
+    if (major, minor) < need:
+        raise ConfigError(f"training.use_fp8: the {recipe} FP8 recipe needs compute capability >= {need[0]}.{need[1]}, "
+                          f"this GPU has {major}.{minor}" + (" (training.fp8_recipe: rowwise runs on >= 8.9)"
+                                                              if recipe == "blockwise" and (major, minor) >= (8, 9) else ""))
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
+def fp8_excluded(name: str, exclude: Sequence[str]) -> bool:
+    """Whether module `name` (dotted path) or one of its parents matches a pattern of `exclude`; a
+    pattern matches a full path or its trailing components (`head`, `attn.o_proj`, `layers.0.*`)."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        for pat in exclude:
+            if fnmatch.fnmatchcase(prefix, pat) or fnmatch.fnmatchcase(prefix, "*." + pat):
+                return True
+    return False
 
 
-def convert_to_fp8(model: nn.Module, emulate: bool = False, skip: tuple[str, ...] = DEFAULT_SKIP,
-                   experts: bool = True) -> dict[str, int]:
-    """Switch the linear layers (all but those named in `skip`: output head, embedding, router)
-    and the routed experts of `model` to FP8 in place. Returns {"linear": n, "experts": m}.
+def convert_to_fp8(module: nn.Module, recipe: str = "blockwise", exclude: Sequence[str] = DEFAULT_EXCLUDE,
+                   emulate: Optional[bool] = None, experts: bool = True) -> dict[str, int]:
+    """Switch the linear layers and routed experts of `module` to FP8 in place, except those named
+    by `exclude` (default: embedding, output head, MoE router). Returns {"linear": n, "experts": m}.
 
-    emulate=True selects the float32 emulation of the same quantization (any device; for tests);
-    otherwise a GPU with compute capability >= 8.9 is required (ConfigError naming
-    training.use_fp8). Layers whose weights are DTensors or whose dims are not multiples of 16
-    are left as they are.
+    recipe: "blockwise" (DeepSeek-V3's 1x128 / 128x128 tiles) or "rowwise". emulate: None = the
+    FP8 kernels for CUDA inputs and the float32 emulation elsewhere (a warning when no CUDA GPU is
+    present); True = always the emulation; False = always the kernels (a GPU that runs `recipe` is
+    required: ConfigError naming training.use_fp8). Weights may be DTensors (tensor parallelism,
+    FSDP2); parameters, names and state dicts are unchanged, so this may run before or after sharding.
     """
-    if not emulate:
-        check_fp8_supported()
-    fp8_experts, base_experts = Float8GroupedExperts, GroupedExperts
+    if recipe not in RECIPES:
+        raise ConfigError(f"training.fp8_recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if emulate is False or (emulate is None and torch.cuda.is_available()):
+        check_fp8_supported(recipe)
+    if emulate is None and not torch.cuda.is_available():
+        _warn_once("emulate", "training.use_fp8: no CUDA GPU; FP8 runs as its float32 emulation (same "
+                              "quantization, for numerics and tests; slower than plain training)")
     counts = {"linear": 0, "experts": 0}
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in skip:
+    for name, sub in module.named_modules():
+        if not name or fp8_excluded(name, exclude):
             continue
-        if type(module) is nn.Linear:
-            if _is_dtensor(module.weight) or not _aligned(*module.weight.shape):
-                continue
-            module.__class__ = Float8Linear
-            module.fp8_emulate = emulate
-            counts["linear"] += 1
-        elif experts and type(module) is base_experts:
-            if any(_is_dtensor(p) for p in module.parameters()) or not _aligned(*module.w1.shape[1:]):
-                continue
-            module.__class__ = fp8_experts
-            module.fp8_emulate = emulate
-            counts["experts"] += 1
+        w = sub.weight if isinstance(sub, nn.Linear) else getattr(sub, "w1", None)
+        if recipe == "rowwise" and w is not None and not _is_dtensor(w) and not _aligned(*w.shape[-2:]):
+            continue  # the row-wise kernels need dimensions that are multiples of 16
+        if _swap_class(sub, nn.Linear, Float8Linear):
+            kind = "linear"
+        elif experts and _swap_class(sub, GroupedExperts, Float8GroupedExperts):
+            kind = "experts"
+        else:
+            continue
+        sub.fp8_emulate, sub.fp8_recipe = emulate, recipe
+        counts[kind] += 1
     return counts
+
+
+_DERIVED: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(module: nn.Module, base: type, fp8_cls: type) -> bool:
+    """Make `module` (of class `base`, or of a wrapper subclass such as FSDP2's `FSDP<base>`) an
+    instance of `fp8_cls`, keeping the wrapper. False when it is neither."""
+    cls = type(module)
+    if cls is base:
+        module.__class__ = fp8_cls
+        return True
+    if base in cls.__bases__ and not issubclass(cls, fp8_cls):
+        key = (cls, fp8_cls)
+        if key not in _DERIVED:
+            bases = tuple(fp8_cls if b is base else b for b in cls.__bases__)
+            _DERIVED[key] = type(cls.__name__.replace(base.__name__, fp8_cls.__name__), bases, {})
+        module.__class__ = _DERIVED[key]
+        return True
+    return False
 
 
 def set_fp8_enabled(model: nn.Module, enabled: bool) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,13 +93,13 @@ class MultiHeadLatentAttention(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
-                cache: LatentKVCache | None = None, absorb: bool = False) -> Tensor:
+                cache: Any = None, absorb: bool = False) -> Tensor:
         """x [B, S, D]; cos/sin [1 or B, S, R/2] for the absolute positions of x; mask [B, 1, S, S_kv]
         bool (True = attend) or None for causal. With a cache, x's latents are appended to it and
         attention covers everything cached so far (absorbed form)."""
         q_nope, q_rope = self._queries(x, cos, sin)
         kv_latent, k_rope = self._latents(x, cos, sin)
-        if cache is not None:
+        if isinstance(cache, LatentKVCache):
             start, end = cache.length, cache.length + x.shape[1]
             cache.kv_latent[:, start:end] = kv_latent.to(cache.kv_latent.dtype)
             cache.k_rope[:, start:end] = k_rope.to(cache.k_rope.dtype)
@@ -108,6 +109,8 @@ class MultiHeadLatentAttention(nn.Module):
             if mask is None and x.shape[1] > 1:
                 mask = _causal_mask(x.shape[1], end, x.device)
             return self._absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
+        if cache is not None:  # a paged cache (lit_deepseek.model.paged_cache): per-sequence lengths
+            return self._paged(q_nope, q_rope, kv_latent, k_rope, cache)
         if absorb:
             if mask is None:
                 mask = _causal_mask(x.shape[1], x.shape[1], x.device)
@@ -126,18 +129,47 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _absorbed(self, q_nope: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor,
                   mask: Tensor | None) -> Tensor:
-        b, s, h, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.d_latent)
-        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
-        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
-        scores = (torch.einsum("bshc,btc->bhst", q_latent, kv_latent)
-                  + torch.einsum("bshr,btr->bhst", q_rope, k_rope)) * self.softmax_scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(q_nope.dtype)
-        out_latent = torch.einsum("bhst,btc->bshc", probs, kv_latent)
-        out = torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
+        out_latent = latent_attention(self._absorb_query(q_nope), q_rope, kv_latent, k_rope, mask, self.softmax_scale)
+        return self._latent_output(out_latent)
+
+    def _paged(self, q_nope: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor, cache: Any) -> Tensor:
+        """Append this chunk to a paged latent cache; a prefill (nothing cached before the chunk)
+        runs the training form over the chunk, later chunks attend over the cache (absorbed form)."""
+        prefill = cache.is_prefill
+        cache.write(kv_latent, k_rope)
+        if prefill:
+            return self._decompressed(q_nope, q_rope, kv_latent, k_rope, None)
+        return self._latent_output(cache.attend(self._absorb_query(q_nope), q_rope, self.softmax_scale))
+
+    def _up_weights(self) -> tuple[Tensor, Tensor]:
+        """(W_UK [H, nope, C], W_UV [H, v, C]) views of kv_b_proj (H: the heads this module holds)."""
+        w = self.kv_b_proj.weight.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.d_latent)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+
+    def _absorb_query(self, q_nope: Tensor) -> Tensor:
+        """q_nope [B, S, H, nope] -> the query in latent space [B, S, H, C] (W_UK folded in)."""
+        return torch.einsum("bshn,hnc->bshc", q_nope, self._up_weights()[0])
+
+    def _latent_output(self, out_latent: Tensor) -> Tensor:
+        """Attention output in latent space [B, S, H, C] -> W_UV per head -> o_proj."""
+        b, s, h, _ = out_latent.shape
+        out = torch.einsum("bshc,hvc->bshv", out_latent.to(self.kv_b_proj.weight.dtype), self._up_weights()[1])
         return self.o_proj(out.reshape(b, s, h * self.v_head_dim))
+
+
+def latent_attention(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor, mask: Tensor | None,
+                     scale: float) -> Tensor:
+    """Attention against the latent cache (the reference for the decode kernels).
+
+    q_latent [B, S, H, C], q_rope [B, S, H, R], kv_latent [B, T, C], k_rope [B, T, R], mask
+    broadcastable to [B, H, S, T] (True = attend) -> the probability-weighted latents [B, S, H, C].
+    """
+    scores = (torch.einsum("bshc,btc->bhst", q_latent, kv_latent)
+              + torch.einsum("bshr,btr->bhst", q_rope, k_rope)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.float().softmax(dim=-1).to(q_latent.dtype)
+    return torch.einsum("bhst,btc->bshc", probs, kv_latent)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:

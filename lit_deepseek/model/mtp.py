@@ -9,6 +9,8 @@ this module does not depend on the transformer module.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -28,8 +30,10 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, h: Tensor, next_embeds: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, h: Tensor, next_embeds: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: Any = None) -> Tensor:
         """h [B, S, D] previous depth, next_embeds [B, S, D] embeddings of the tokens k ahead ->
-        the normed representation [B, S, D] (also the next depth's input)."""
+        the normed representation [B, S, D] (also the next depth's input). `cache`: the block's
+        decoding cache (a layer of a `PagedLatentCache`) when drafting tokens during generation."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(h)), dim=-1))
-        return self.norm(self.block(x, cos, sin, mask))
+        return self.norm(self.block(x, cos, sin, mask, cache=cache))

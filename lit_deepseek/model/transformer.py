@@ -18,6 +18,7 @@ from lit_deepseek.model.dispatch import TokenDispatcher
 from lit_deepseek.model.moe import MoE, SwiGLU
 from lit_deepseek.model.mtp import MTPModule
 from lit_deepseek.model.norm import RMSNorm
+from lit_deepseek.model.paged_cache import PagedLatentCache
 from lit_deepseek.model.rope import RotaryEmbedding
 
 
@@ -35,7 +36,7 @@ class Block(nn.Module):
                                else SwiGLU(d, cfg.dense_intermediate_size))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
-                cache: LatentKVCache | None = None, absorb: bool = False) -> Tensor:
+                cache: LatentKVCache | PagedLatentCache | None = None, absorb: bool = False) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache=cache, absorb=absorb)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -114,14 +115,15 @@ class DeepSeekV3(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor, doc_ids: Tensor | None = None, return_hidden: bool = False,
-                hidden_states: Tensor | None = None, caches: list[LatentKVCache] | None = None,
+                hidden_states: Tensor | None = None, caches: list[LatentKVCache] | PagedLatentCache | None = None,
                 absorb: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """input_ids [B, S] -> logits [B, S, V] (or, return_hidden, (normed h, MTP hiddens)).
 
         On a pipeline stage without `embed`, pass the incoming hidden states [B, S, D] either as
         input_ids or as hidden_states (then input_ids still feeds the MTP embeddings). doc_ids
         [B, S] restricts attention to tokens of the same document. caches (one per held layer,
-        in layer order) switch to incremental decoding with the latent cache (absorbed form).
+        in layer order) switch to incremental decoding with the latent cache (absorbed form); a
+        `PagedLatentCache` does the same with a length per sequence (its owner advances it).
         """
         if hidden_states is not None:
             x = hidden_states
@@ -131,12 +133,16 @@ class DeepSeekV3(nn.Module):
             x = self.embed(input_ids)
         # token ids give the full length even when x holds a sequence shard (sequence parallelism)
         b, s = (input_ids if input_ids is not None else x).shape[:2]
-        start = caches[0].length if caches else 0
-        if start + s > self.cfg.mla.max_context_length:
-            raise ValueError(f"sequence of {start + s} tokens exceeds model.mla.max_context_length "
+        if caches is not None and not isinstance(caches, (list, tuple)):  # a PagedLatentCache
+            positions = caches.positions(s)  # [B, S]: each sequence continues at its own length
+            end = caches.max_length() + s
+        else:
+            start = caches[0].length if caches else 0
+            positions, end = torch.arange(start, start + s, device=x.device)[None], start + s
+        if end > self.cfg.mla.max_context_length:
+            raise ValueError(f"sequence of {end} tokens exceeds model.mla.max_context_length "
                              f"({self.cfg.mla.max_context_length})")
-        positions = torch.arange(start, start + s, device=x.device)
-        cos, sin = self.rope(positions[None])
+        cos, sin = self.rope(positions)
         mask = document_mask(doc_ids) if doc_ids is not None else None
         if caches is not None and mask is not None:
             raise ValueError("doc_ids is not supported together with a decoding cache")

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lit_deepseek.config import ModelConfig
+from lit_deepseek.kernels.fp8 import dequantize_1x128, quantize_1x128
 from lit_deepseek.model.dispatch import LocalDispatcher, TokenDispatcher
 
 
@@ -144,33 +145,18 @@ class AllToAllDispatcher(TokenDispatcher):
 _FP8_BLOCK = 128
 
 
-def _quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row, per-128-channel e4m3 quantisation (the layout DeepEP's FP8 dispatch takes)."""
-    rows, hidden = x.shape
-    blocks = x.float().view(rows, hidden // _FP8_BLOCK, _FP8_BLOCK)
-    scales = blocks.abs().amax(dim=-1).clamp(min=1e-4) / 448.0
-    q = (blocks / scales.unsqueeze(-1)).to(torch.float8_e4m3fn).view(rows, hidden)
-    return q, scales
-
-
-def _dequantize_fp8(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    rows, hidden = q.shape
-    blocks = q.float().view(rows, hidden // _FP8_BLOCK, _FP8_BLOCK) * scales.unsqueeze(-1)
-    return blocks.view(rows, hidden).to(dtype)
-
-
 class _DeepEPDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, expert_idx: Tensor, dispatcher: DeepEPDispatcher) -> tuple[Tensor, Tensor, Any]:
         buffer = dispatcher.buffer(x)
         weights = torch.ones(expert_idx.shape, dtype=torch.float32, device=x.device)
         per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(expert_idx, dispatcher.num_experts)
-        payload: Any = _quantize_fp8(x) if dispatcher.fp8 else x
+        payload: Any = quantize_1x128(x) if dispatcher.fp8 else x  # per row and 128 channels
         recv, recv_idx, _, _, handle, _ = buffer.dispatch(
             payload, topk_idx=expert_idx, topk_weights=weights, num_tokens_per_rank=per_rank,
             num_tokens_per_rdma_rank=per_rdma_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
         if dispatcher.fp8:
-            recv = _dequantize_fp8(recv[0], recv[1], x.dtype)
+            recv = dequantize_1x128(recv[0], recv[1]).to(x.dtype)
         ctx.dispatcher, ctx.handle = dispatcher, handle
         ctx.mark_non_differentiable(recv_idx)
         return recv, recv_idx, handle

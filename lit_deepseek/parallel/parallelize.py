@@ -6,8 +6,8 @@ In this order, each step working on what the previous ones left:
 2. token dispatcher and expert sharding (EP): each part keeps its EP rank's routed experts;
 3. tensor parallelism (TP, optionally sequence parallel): DTensor plans on attention and FFNs;
 4. activation checkpointing (``training.activation_checkpointing``);
-5. FP8 (``training.use_fp8``): linear layers and experts; layers that TP sharded stay in bf16, and
-   one warning names them;
+5. FP8 (``training.use_fp8``, ``fp8_recipe``, ``fp8_exclude``): linear layers (tensor-parallel
+   ones shard by shard) and routed experts, except the excluded modules;
 6. regional compile (``training.compile``);
 7. FSDP (ZeRO-2/3): experts over ``dp``, dense modules over ``dp_ep``.
 
@@ -113,7 +113,7 @@ def parallelize(model: nn.Module, layout: Optional[Layout], cfg: DeepSeekConfig)
 
     # 5. FP8
     if t.use_fp8:
-        _apply_fp8(handle.parts)
+        _apply_fp8(handle.parts, cfg)
 
     # 6. regional compile
     if t.compile:
@@ -131,21 +131,13 @@ def parallelize(model: nn.Module, layout: Optional[Layout], cfg: DeepSeekConfig)
     return handle
 
 
-def _apply_fp8(parts: list[nn.Module]) -> None:
-    """Convert every part; one warning names the linear layers left in bf16 because TP sharded them."""
-    from lightning.fabric.utilities import rank_zero_warn
-    from torch.distributed.tensor import DTensor
-
+def _apply_fp8(parts: list[nn.Module], cfg: DeepSeekConfig) -> None:
+    """Convert every part with the configured recipe and exclusions (tensor-parallel layers too:
+    their DTensor weights are multiplied shard by shard)."""
     from lit_deepseek.kernels.fp8 import convert_to_fp8
 
     for part in parts:
-        convert_to_fp8(part)
-    skipped = sorted({name.split(".", 2)[-1] if name.startswith(("layers.", "mtp.")) else name
-                      for part in parts for name, m in part.named_modules()
-                      if type(m) is nn.Linear and isinstance(m.weight, DTensor) and name != "head"})
-    if skipped:
-        rank_zero_warn(f"training.use_fp8: tensor-parallel layers stay in bf16 (FP8 runs on unsharded weights "
-                       f"only): {', '.join(skipped)}")
+        convert_to_fp8(part, recipe=cfg.training.fp8_recipe, exclude=cfg.training.fp8_exclude)
 
 
 __all__ = ["ParallelModel", "PipelineStages", "parallelize"]

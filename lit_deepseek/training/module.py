@@ -87,7 +87,6 @@ class DeepSeekLightningModule(L.LightningModule):
             return
         from lit_deepseek.model import DeepSeekV3
 
-        _warn_decode_only_flags(self.model_config)
         # Lightning calls this hook under the strategy's device context: build on the meta device,
         # then allocate once where the weights will live and draw them there (no host copy).
         target = torch.get_default_device()
@@ -272,17 +271,3 @@ class DeepSeekLightningModule(L.LightningModule):
 
 
 _LOCAL_PLAN = LocalPlan()
-
-
-def _warn_decode_only_flags(cfg: ModelConfig) -> None:
-    """FlashMLA and the FP8 latent cache serve decoding; say once what training does instead."""
-    from lightning.pytorch.utilities import rank_zero_warn
-
-    if cfg.mla.use_flash_mla:
-        import importlib.util
-
-        if importlib.util.find_spec("flash_mla") is None:
-            rank_zero_warn("model.mla.use_flash_mla: flash_mla is not installed; decoding uses the PyTorch "
-                           "latent-attention path (training always uses scaled_dot_product_attention)")
-    if cfg.mla.use_fp8_kv and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
-        rank_zero_warn("model.mla.use_fp8_kv: no FP8-capable GPU; the decoding latent cache stays in the model dtype")

@@ -1,0 +1,245 @@
+"""FP8 against BF16 through the product path: `lit-deepseek fit` runs, read back from MLflow.
+
+(a) convergence: BF16 seed A, BF16 seed B (the seed-to-seed noise floor), FP8 blockwise and FP8
+    row-wise (seed A) on the model of `benchmarks/fp8_conv.yaml` (stacked on configs/cpu_demo.yaml):
+    same data (the built-in corpus: real text), 65,536 tokens per step, bf16-mixed, regional
+    compile. The learning rate is constant after warm-up, so runs that their time limit
+    (`--trainer.max_time`, an equal share of --conv-budget-s each) stops at different steps are
+    compared over their common steps: final loss = mean of the last 100 common steps. Writes a gap
+    table and a PNG of the curves (under --out and benchmarks/), and logs both to each run's MLflow
+    store.
+(b) speed: tokens/s and MFU of bf16 vs FP8 blockwise vs FP8 row-wise (bf16-mixed, compile) on the
+    small config (8 x 4096 tokens per step) and on the d_model 2048 config of `v3_d2048.yaml`
+    (4 x 4096), measured by `bench_fit.py`'s product rows (tokens of the timed steps over the
+    MLflow timestamps of their metrics).
+
+Every run is a `lit-deepseek fit` subprocess (`bench_fit.fit_command`) with a hard time limit; no
+run starts after --budget-s.
+
+    python benchmarks/bench_fp8.py --phases convergence --steps 1000 --out $OUT/fp8
+    python benchmarks/bench_fp8.py --phases speed --speed-configs small --out $OUT/fp8
+    python benchmarks/bench_fp8.py --phases speed --speed-configs large --out $OUT/fp8
+    python benchmarks/bench_fp8.py --phases convergence --steps 4 --device cpu --out /tmp/bench_fp8  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_fit  # noqa: E402  (the product-run command and MLflow reader shared with bench_fit)
+
+bench_fit.CONFIGS["fp8conv"] = [ROOT / "configs" / "cpu_demo.yaml", ROOT / "benchmarks" / "fp8_conv.yaml"]
+#: speed configs: name -> (bench_fit config, sequences of 4096 tokens per step)
+SPEED = {"small": ("small", 8), "large": ("large", 4)}
+#: CPU smoke of the convergence phase: the demo model itself (config "demo" runs on the CPU)
+SMOKE = ["--model.num_layers", "2"]
+VARIANTS = {"bf16": (False, "blockwise"), "fp8-blockwise": (True, "blockwise"), "fp8-rowwise": (True, "rowwise")}
+
+
+def final_loss(loss: list[float], window: int) -> Optional[float]:
+    return sum(loss[-window:]) / len(loss[-window:]) if loss else None
+
+
+def conv_run(name: str, fp8: bool, recipe: str, seed: int, args: argparse.Namespace, work: Path,
+             limit_s: float) -> dict[str, Any]:
+    """One convergence run: stops training after limit_s, is killed 120 s later; its train/loss."""
+    cpu = args.device == "cpu"
+    row = bench_fit.Row("demo" if cpu else "fp8conv", seq=64 if cpu else 1024, micro=2 if cpu else 32,
+                        global_batch=4 if cpu else 64, precision="32-true" if cpu else "bf16-mixed",
+                        compile=not cpu, fp8=fp8, fp8_recipe=recipe)
+    run_dir = work / name
+    cmd = bench_fit.fit_command(row, run_dir, args.steps, 1) + (SMOKE if cpu else []) + [
+        "--training.seed", str(seed), "--training.lr_warmup_steps", str(2 if cpu else 100),
+        "--training.lr_schedule", "constant", "--trainer.max_time",
+        time.strftime("00:%H:%M:%S", time.gmtime(max(1, int(limit_s))))]
+    print(f"[{name}] starting (training time limit {limit_s:.0f}s)", flush=True)
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=limit_s + 120)
+        (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        error = None if proc.returncode == 0 else " | ".join(proc.stderr.strip().splitlines()[-3:])
+    except subprocess.TimeoutExpired:
+        error = f"killed after {limit_s + 120:.0f}s"
+    out: dict[str, Any] = {"name": name, "wall_s": time.time() - t0, "run_dir": str(run_dir), "loss": []}
+    try:
+        out["loss"] = [m.value for m in bench_fit.metric_history(run_dir, ["train/loss"])["train/loss"]]
+    except Exception as exc:  # noqa: BLE001 - report what is missing, keep the other runs
+        error = error or f"{type(exc).__name__}: {exc}"
+    if error:
+        out["error"] = error
+    print(f"[{name}] {len(out['loss'])} steps in {out['wall_s']:.0f}s" + (f"; error: {error}" if error else ""),
+          flush=True)
+    return out
+
+
+def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> list[str]:
+    runs = [("bf16-seedA", False, "blockwise", args.seed_a), ("bf16-seedB", False, "blockwise", args.seed_b),
+            ("fp8-blockwise", True, "blockwise", args.seed_a), ("fp8-rowwise", True, "rowwise", args.seed_a)]
+    share = args.conv_budget_s / len(runs)
+    results: dict[str, dict[str, Any]] = {}
+    for name, fp8, recipe, seed in runs:
+        left = deadline - time.time()
+        if left < 90:
+            print(f"[{name}] skipped: benchmark budget spent", flush=True)
+            continue
+        results[name] = conv_run(name, fp8, recipe, seed, args, work, min(share, left - 60))
+    tokens = 4 * 64 if args.device == "cpu" else 64 * 1024
+    common = min((len(r["loss"]) for r in results.values()), default=0)
+    window = min(100, common)
+    lines = [f"## FP8 convergence ({common} common steps, {args.steps} asked, {tokens:,} tokens per step; final loss "
+             f"= mean of the last {window})", "", "| run | steps done | final loss | vs BF16 seed A | wall s |",
+             "| --- | --- | --- | --- | --- |"]
+    finals = {name: final_loss(r["loss"][:common], window) if common else None for name, r in results.items()}
+    base = finals.get("bf16-seedA")
+    for name, r in results.items():
+        f = finals[name]
+        gap = f"{100 * (f - base) / base:+.3f}%" if f is not None and base else "-"
+        shown = f"{f:.4f}" if f is not None else "failed: " + r.get("error", "")[:120]
+        lines.append(f"| {name} | {len(r['loss'])} | {shown} | {gap} | {r['wall_s']:.0f} |")
+    b = finals.get("bf16-seedB")
+    if base and b is not None:
+        noise = abs(b - base) / base
+        lines += ["", f"Noise floor |BF16 B - BF16 A| / A: {100 * noise:.3f}%."]
+        for name in ("fp8-blockwise", "fp8-rowwise"):
+            f = finals.get(name)
+            if f is not None:
+                gap = abs(f - base) / base
+                verdict = "met" if gap <= 0.005 and gap <= noise + 0.0025 else "not met"
+                lines.append(f"{name}: |gap| {100 * gap:.3f}% (targets: <= 0.5%, <= noise + 0.25% = "
+                             f"{100 * (noise + 0.0025):.3f}%): {verdict}.")
+    (out / "fp8_convergence.json").write_text(json.dumps(results))
+    png = plot(results, out / "fp8_convergence.png")
+    if png:
+        (ROOT / "benchmarks" / "fp8_convergence.png").write_bytes(png.read_bytes())
+    log_to_runs(results, "\n".join(lines), png)
+    return lines
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG", flush=True)
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    tail: list[float] = []
+    k = 1
+    for name, r in results.items():
+        loss = r["loss"]
+        if not loss:
+            continue
+        k = max(1, min(20, len(loss) // 10))
+        smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+        ax.plot(range(1, len(smooth) + 1), smooth, label=name, linewidth=1)
+        tail += smooth[len(smooth) // 3:]
+    if tail:
+        ax.set_ylim(min(tail) * 0.98, max(tail) * 1.02)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"train/loss ({k}-step running mean)")
+    ax.set_title("lit-deepseek fit: FP8 vs BF16 (same data)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"curves: {path}", flush=True)
+    return path
+
+
+def log_to_runs(results: dict[str, dict[str, Any]], table: str, png: Optional[Path]) -> None:
+    """The table and the PNG as artifacts of every convergence run, in its own MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    for r in results.values():
+        try:
+            client = MlflowClient(tracking_uri=f"sqlite:///{Path(r['run_dir']) / 'mlflow.db'}")
+            runs = [x for e in client.search_experiments() for x in client.search_runs([e.experiment_id])]
+            if len(runs) != 1:
+                continue
+            client.log_text(runs[0].info.run_id, table, "fp8_convergence.md")
+            if png:
+                client.log_artifact(runs[0].info.run_id, str(png))
+        except Exception as exc:  # noqa: BLE001 - the report on disk stays the result
+            print(f"MLflow artifact logging failed for {r['name']}: {exc}", flush=True)
+
+
+def speed(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> list[str]:
+    lines = [f"## FP8 speed (`lit-deepseek fit`, bf16-mixed, compile, {args.speed_steps} steps, "
+             f"{args.warmup} warm-up)", "", "| config | run | tokens/s | MFU (989) | peak GiB | vs bf16 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    rows = []
+    for config in args.speed_configs.split(","):
+        base = None
+        name, micro = SPEED[config]
+        for variant in args.recipes.split(","):
+            fp8, recipe = VARIANTS[variant]
+            row = bench_fit.Row(name, 4096, micro=micro, global_batch=micro, fp8=fp8, fp8_recipe=recipe)
+            left = deadline - time.time()
+            if left < 90:
+                lines.append(f"| {config} | {row.name} | skipped (budget) | | | |")
+                continue
+            print(f"[{row.name}] starting", flush=True)
+            try:
+                r = bench_fit.run_product(row, args.speed_steps, args.warmup, work, min(args.run_limit_s, left - 30))
+            except subprocess.TimeoutExpired:
+                r = {"name": row.name, "error": "timed out"}
+            rows.append(r)
+            if "error" in r:
+                lines.append(f"| {config} | {row.name} | error: {r['error'][:160]} | | | |")
+                continue
+            if variant == "bf16":
+                base = r["tokens_per_s"]
+            ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+            lines.append(f"| {config} | {row.name} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+                         f"{r['peak_gib']:.1f} | {ratio} |")
+            print(lines[-1], flush=True)
+    (out / "fp8_speed.json").write_text(json.dumps(rows))
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phases", default="convergence,speed", help="comma list: convergence, speed")
+    ap.add_argument("--out", default="bench_fp8_out", help="folder for the report, JSON and PNG")
+    ap.add_argument("--work", default="/tmp/bench_fp8", help="run directories (MLflow stores, logs)")
+    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps asked of each convergence run")
+    ap.add_argument("--conv-budget-s", type=float, default=440,
+                    help="training time of the four convergence runs together (an equal share each)")
+    ap.add_argument("--seed-a", type=int, default=1234)
+    ap.add_argument("--seed-b", type=int, default=4321)
+    ap.add_argument("--speed-configs", default="small,large", help="comma list of: small, large")
+    ap.add_argument("--recipes", default="bf16,fp8-blockwise,fp8-rowwise", help="speed variants")
+    ap.add_argument("--speed-steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=4, help="speed: steps before timing starts")
+    ap.add_argument("--run-limit-s", type=float, default=200, help="hard limit of one speed run")
+    ap.add_argument("--budget-s", type=float, default=560, help="no run starts after this many seconds")
+    ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="cpu: smoke test on the demo model")
+    args = ap.parse_args()
+    out, work = Path(args.out).resolve(), Path(args.work).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + args.budget_s
+    report: list[str] = []
+    phases = args.phases.split(",")
+    if "convergence" in phases:
+        report += convergence(args, out, work, deadline) + [""]
+    if "speed" in phases:
+        report += speed(args, out, work, deadline) + [""]
+    text = "\n".join(report)
+    (out / "bench_fp8.md").write_text(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
