@@ -9,11 +9,16 @@ multi-node runs start it under torchrun or SLURM (Fabric picks the cluster envir
 Each iteration calls the shipped step, `lit_deepseek.training.step.train_step` (the one the
 LightningModule runs): the plan runs forward/backward over the micro-batches of one optimizer step,
 clips with the global gradient norm and steps the optimizer, whose step hook moves the expert biases.
+
+It trains on uniformly random tokens, so there is nothing to learn: the loss stays near
+ln(256) = 5.55. It shows the loop and the layouts, not learning; for real text, feed it the
+batches of `lit_deepseek.data.DeepSeekDataModule` as `lit-deepseek fit` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import lightning as L
 import torch
@@ -68,6 +73,8 @@ def main() -> None:
     t = cfg.training
     rows = t.global_batch_size // plan.data_parallel_size  # this rank's share of the global batch
     generator = torch.Generator().manual_seed(t.seed)
+    fabric.print(f"training on random tokens: the loss stays near ln({cfg.model.vocab_size}) = "
+                 f"{math.log(cfg.model.vocab_size):.2f} (nothing to learn; this shows the loop, not learning)")
     for step in range(args.steps):
         tokens = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_length + 1), generator=generator)
         mine = tokens[plan.data_parallel_rank * rows:(plan.data_parallel_rank + 1) * rows].to(fabric.device)

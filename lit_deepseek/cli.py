@@ -10,6 +10,7 @@ LightningModule, DataModule, strategy, callbacks and MLflow logger from them. Li
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -109,8 +110,17 @@ class LitDeepSeekCLI(LightningCLI):
 
             if torch.cuda.is_available():  # without CUDA, FP8 runs as its float32 emulation (one warning)
                 check_fp8_supported(training.fp8_recipe)
-        check_fits(self.deepseek_config, self.world_size)
+        import torch
+
+        if str(trainer_ns.get("accelerator") or "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+            if self.subcommand == "fit":  # names the smallest layout change that fits
+                check_device_memory(self.deepseek_config, self.world_size, trainer_ns.get("accelerator"))
+        else:
+            check_fits(self.deepseek_config, self.world_size)  # against host memory
         _warn_unavailable_deep_ep(self.deepseek_config)
+        if self.subcommand == "test" and self.deepseek_config.data.test_shards is None:
+            raise ConfigError("data.test_shards: `test` needs held-out test shards (the validation shards are not "
+                              "a test set); set data.test_shards")
 
     def instantiate_classes(self) -> None:
         from lit_deepseek.data.datamodule import DeepSeekDataModule
@@ -135,7 +145,7 @@ class LitDeepSeekCLI(LightningCLI):
 
         self.model = DeepSeekLightningModule(cfg.model, cfg.training, cfg.parallel, lg.peak_tflops)
         self.datamodule = DeepSeekDataModule(
-            data=cfg.data, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+            data=dataclasses.replace(cfg.data, cache_dir=cfg.data_cache_dir()), seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size, seed=t.seed if cfg.data.seed is None else cfg.data.seed,
             val_batches=t.val_batches, batch_per_step=True,
         )
@@ -154,24 +164,12 @@ class LitDeepSeekCLI(LightningCLI):
         if ckpt_path and launch_rank() == 0:
             ckpt_path = resolve_resume(str(ckpt_path), ckpt_dir)
             ns["ckpt_path"] = ckpt_path
+        if ckpt_path and Path(ckpt_path).is_file() and self.layout.world_size > 1 \
+                and trainer_cfg.get("strategy", "auto") in (None, "auto"):
+            raise ConfigError(f"ckpt_path: {ckpt_path} is a one-process checkpoint (one file); parallel layouts "
+                              "resume from the folder checkpoints of multi-process runs: resume it on one process")
         resume = bool(ckpt_path)
-        derived = {
-            "max_steps": t.max_steps,
-            "precision": t.precision,
-            "log_every_n_steps": lg.log_every_n_steps,
-            "val_check_interval": t.val_every_n_steps,
-            "check_val_every_n_epoch": None,
-            "limit_val_batches": t.val_batches,
-            "deterministic": True if t.deterministic else None,
-            "default_root_dir": lg.run_dir,
-            "enable_progress_bar": lg.progress_bar,
-            "num_sanity_val_steps": 0,
-        }
-        trainer_defaults = _trainer_defaults()
-        config = {k: _instantiate(v) for k, v in trainer_cfg.items()}
-        for key in _DERIVED_TRAINER_KEYS:
-            if config.get(key, trainer_defaults.get(key)) == trainer_defaults.get(key):
-                config[key] = derived[key]
+        config = with_derived_trainer_args({k: _instantiate(v) for k, v in trainer_cfg.items()}, cfg)
         config.pop("callbacks", None)
         user_logger = config.pop("logger", None)
         callbacks: list[Any] = checkpoint_callbacks(cfg.checkpoint, ckpt_dir)
@@ -187,7 +185,8 @@ class LitDeepSeekCLI(LightningCLI):
             config["logger"] = False
         else:
             config["logger"] = build_mlflow_logger(lg, resume=resume)
-        strategy = build_strategy(cfg, self.layout, config.get("strategy", "auto"))
+        strategy = build_strategy(cfg, self.layout, config.get("strategy", "auto"),
+                                  resume_from=resolve_ckpt_path(ckpt_path, checkpoint_dir(cfg)))
         if strategy is not None:
             config["strategy"] = strategy
         plugins = config.get("plugins") or []
@@ -197,6 +196,38 @@ class LitDeepSeekCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         config["plugins"] = plugins or None
         self.trainer = Trainer(**config)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As LightningCLI, except that `--print_config` shows the trainer values the sections decide
+        (max_steps, precision, ...) instead of Lightning's placeholders."""
+        argv = list(sys.argv[1:] if args is None else args)
+        flags = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]
+        if not flags or not isinstance(args, (list, type(None))):
+            return super().parse_arguments(parser, args)
+        with warnings.catch_warnings():  # the flag is taken out of sys.argv's copy on purpose
+            warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+            super().parse_arguments(parser, [a for a in argv if a not in flags])
+        sub = self.config.get("subcommand")
+        ns = self.config.get(sub, self.config) if sub else self.config
+        cfg = from_dict(self._section_dict(ns))
+        trainer = with_derived_trainer_args(_to_plain(ns.get("trainer")) or {}, cfg)
+        for key in _DERIVED_TRAINER_KEYS:
+            ns[f"trainer.{key}"] = trainer[key]
+        ns["data.cache_dir"] = cfg.data_cache_dir()
+        sub_parser = parser._subcommands_action._name_parser_map[sub] if sub else parser
+        skip = flags[0].split("=", 1)[1].split(",") if "=" in flags[0] else []
+        print(sub_parser.dump(ns, skip_none=False, skip_default="skip_default" in skip), end="")
+        sys.exit(0)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (prediction is not a training subcommand here)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def after_fit(self) -> None:
+        """Say where the run's outputs went."""
+        if self.trainer.is_global_zero:
+            print(run_outputs(self.deepseek_config, logged=self.trainer.logger is not None), flush=True)
 
 
 def check_config_files(args: list[str]) -> None:
@@ -226,6 +257,80 @@ def _warn_unavailable_deep_ep(cfg: DeepSeekConfig) -> None:
     cfg.model.moe.use_deep_ep = False
 
 
+def run_outputs(cfg: DeepSeekConfig, logged: bool = True) -> str:
+    """Where a finished run left its checkpoints, MLflow store and plots (a few lines)."""
+    from lit_deepseek.training.callbacks import artifact_location, checkpoint_dir, tracking_uri
+
+    lines = [f"checkpoints:  {checkpoint_dir(cfg)} (resume with --ckpt_path last)"]
+    if logged:
+        uri = tracking_uri(cfg.logging)
+        lines.append(f"MLflow store: {uri} (view: mlflow ui --backend-store-uri {uri})")
+        where = artifact_location(cfg.logging)
+        if where:
+            lines.append(f"MLflow artifacts (config, expert-load heatmaps): {where}")
+    if cfg.logging.heatmap_every_n_steps > 0:
+        lines.append(f"expert-load plots: {Path(cfg.logging.run_dir) / 'plots'}")
+    return "\n".join(["lit-deepseek: run outputs"] + ["  " + line for line in lines])
+
+
+def resolve_ckpt_path(ckpt_path: Optional[str], ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint `--ckpt_path` names: a path, or for `last` the newest `last*.ckpt` in the checkpoint folder."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        found = sorted(ckpt_dir.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+    if ckpt_path in ("best", "hpc", "registry"):
+        return None
+    return Path(ckpt_path)
+
+
+def is_distributed_checkpoint(path: Optional[Path]) -> bool:
+    """A folder written by `lit_deepseek.parallel.checkpoint` (multi-process runs) rather than one file."""
+    return path is not None and path.is_dir() and (path / ".metadata").is_file()
+
+
+def with_derived_trainer_args(trainer_cfg: dict[str, Any], cfg: DeepSeekConfig) -> dict[str, Any]:
+    """The trainer arguments with those the spec's sections decide filled in (a value set in `trainer:` that
+    differs from Lightning's default wins)."""
+    t, lg = cfg.training, cfg.logging
+    derived = {
+        "max_steps": t.max_steps,
+        "precision": t.precision,
+        "log_every_n_steps": lg.log_every_n_steps,
+        "val_check_interval": t.val_every_n_steps,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": t.val_batches,
+        "deterministic": True if t.deterministic else None,
+        "default_root_dir": lg.run_dir,
+        "enable_progress_bar": lg.progress_bar,
+        "num_sanity_val_steps": 0,
+    }
+    defaults = _trainer_defaults()
+    config = dict(trainer_cfg)
+    for key in _DERIVED_TRAINER_KEYS:
+        if config.get(key, defaults.get(key)) == defaults.get(key):
+            config[key] = derived[key]
+    return config
+
+
+def check_device_memory(cfg: DeepSeekConfig, world_size: int, accelerator: Any) -> None:
+    """On GPUs, refuse a layout whose memory estimate exceeds the device, naming the smallest change that fits
+    (LIT_DEEPSEEK_SKIP_MEMORY_CHECK=1 starts anyway)."""
+    import torch
+
+    if str(accelerator or "auto") not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return
+    if os.environ.get("LIT_DEEPSEEK_SKIP_MEMORY_CHECK", "") not in ("", "0"):
+        return
+    from lit_deepseek.planner import memory_check
+
+    memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
+    problem = memory_check(cfg, world_size, memory)
+    if problem:
+        raise ConfigError(problem)
+
+
 def check_strategy(cfg: DeepSeekConfig, layout: Layout, requested: Any) -> None:
     """Strategy rules that need no process group: DeepSpeed is data-parallel only; fp16 needs one process."""
     model_parallel = layout.tp * layout.pp * layout.ep > 1
@@ -238,13 +343,14 @@ def check_strategy(cfg: DeepSeekConfig, layout: Layout, requested: Any) -> None:
         raise ConfigError("training.precision: 16-mixed is not supported by the parallel strategy; use bf16-mixed")
 
 
-def build_strategy(cfg: DeepSeekConfig, layout: Layout, requested: Any) -> Any:
-    """Our parallel strategy whenever more than one process is asked for (any model parallelism is)."""
+def build_strategy(cfg: DeepSeekConfig, layout: Layout, requested: Any, resume_from: Optional[Path] = None) -> Any:
+    """Our parallel strategy whenever more than one process is asked for (any model parallelism is), or when one
+    process resumes from a distributed checkpoint folder (which only that strategy reads)."""
     if requested == "deepspeed":
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         return DeepSpeedStrategy(config=deepspeed_config())
-    if requested not in (None, "auto") or layout.world_size == 1:
+    if requested not in (None, "auto") or (layout.world_size == 1 and not is_distributed_checkpoint(resume_from)):
         return None
     from lit_deepseek.parallel.strategy import DeepSeekStrategy
 
@@ -313,6 +419,7 @@ def summary_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lit-deepseek summary", description="Print parameters, layout and memory.")
     parser.add_argument("--config", "-c", action="append", required=True, help="YAML config (repeatable)")
     parser.add_argument("--world_size", type=int, default=None, help="Validate the layout against this world size")
+    parser.add_argument("--gpu_memory", default="80GB", help="GPU memory the estimate is checked against (default 80GB)")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     it = iter(rest)
@@ -322,6 +429,17 @@ def summary_main(argv: list[str]) -> int:
         overrides[key[2:]] = yaml.safe_load(next(it, "null"))
     cfg = load_config(*args.config, overrides=overrides, world_size=args.world_size)
     cfg.print_summary(args.world_size)
+    from lit_deepseek.planner import USABLE_FRACTION, gpus_needed, parse_memory
+
+    memory = parse_memory(args.gpu_memory)
+    total = cfg.memory_estimate(args.world_size)["total"]
+    if total <= memory * USABLE_FRACTION:
+        print(f"Fits {memory:g} GiB GPUs ({USABLE_FRACTION:.0%} usable) in this layout")
+    else:
+        need = gpus_needed(cfg, memory)
+        where = f"needs at least {need} such GPUs" if need else "no GPU count up to 65536 fits"
+        print(f"Does NOT fit {memory:g} GiB GPUs ({USABLE_FRACTION:.0%} usable) in this layout; by this estimate it "
+              f"{where}: lit-deepseek plan --config ... --gpus N --gpu_memory {args.gpu_memory} lists the layouts")
     return 0
 
 

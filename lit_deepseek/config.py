@@ -251,11 +251,11 @@ class DataConfig:
     val_shards: Optional[str] = None
     """Validation shards (held out); null = the built-in corpus' held-out shard."""
     test_shards: Optional[str] = None
-    """Shards for `lit-deepseek test`; null = the validation shards."""
+    """Held-out shards for `lit-deepseek test` (required by `test`: the validation shards are never reused as a test set)."""
     tokenizer: Optional[str] = None
     """A `tokenizers` JSON file; null = byte-level tokenizer (vocabulary 256 + specials)."""
-    cache_dir: str = ".lit_deepseek_data"
-    """Where the built-in corpus is written as shards (once)."""
+    cache_dir: Optional[str] = None
+    """Where the built-in corpus is written as shards (once); null = `<logging.run_dir>/data`."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     document_mask: bool = False
@@ -287,9 +287,9 @@ class LoggingConfig:
     """Experiment tracking."""
 
     run_dir: str = "runs/default"
-    """Run directory (MLflow store, checkpoints and artifacts by default)."""
+    """Run directory: holds the MLflow store and its artifacts, checkpoints, plots and the built-in corpus by default."""
     tracking_uri: Optional[str] = None
-    """MLflow tracking URI; null = a SQLite store under run_dir."""
+    """MLflow tracking URI; null = `<run_dir>/mlflow.db` (SQLite) with artifacts in `<run_dir>/mlartifacts`."""
     experiment_name: str = "lit-deepseek"
     """MLflow experiment."""
     run_name: Optional[str] = None
@@ -357,6 +357,10 @@ class DeepSeekConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def data_cache_dir(self) -> str:
+        """Folder of the built-in corpus: data.cache_dir, or `<logging.run_dir>/data` when unset."""
+        return self.data.cache_dir or str(Path(self.logging.run_dir) / "data")
 
 
 # --------------------------------------------------------------------------------------------

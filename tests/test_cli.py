@@ -32,7 +32,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> Non
 def test_base_config_on_one_cpu_fails_fast_with_one_line(tmp_path: Path) -> None:
     start = time.perf_counter()
     proc = run_cli("fit", "--config", str(ROOT / "configs" / "base.yaml"), cwd=tmp_path, timeout=120)
-    assert_one_line_error(proc, "32 but the world size is 1")
+    assert_one_line_error(proc, "world size 1 is not divisible by TP x PP x EP = 4 x 4 x 2 = 32")
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "runs").exists()  # nothing was started
 
@@ -98,10 +98,20 @@ def test_demo_trains_tracks_and_checkpoints(tmp_path: Path) -> None:
 
     # validate and test the best checkpoint: the same validation loss as the one that made it best
     best_val = min(m.value for m in client.get_metric_history(run.info.run_id, "val/loss"))
+    # outputs stay under the run directory, and the run says where they are
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / ".lit_deepseek_data").exists()
+    assert any((run_dir / "mlartifacts").rglob("config.yaml")) and any((run_dir / "data").rglob("val-*.tar"))
+    assert f"checkpoints:  {run_dir / 'checkpoints'}" in proc.stdout and "mlflow.db" in proc.stdout
+
+    # `test` needs its own shards: never silently the validation set
+    proc = run_cli("test", "--config", str(DEMO), "--logging.run_dir", str(run_dir), "--ckpt_path",
+                   str(run_dir / "checkpoints" / "best.ckpt"), cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, "data.test_shards")
+    val_shards = str(next((run_dir / "data").glob("*/val-*.tar")))
     for sub, key in (("validate", "val/loss"), ("test", "test/loss")):
         proc = run_cli(sub, "--config", str(DEMO), "--training.val_batches", "2", "--logging.run_dir", str(run_dir),
                        "--ckpt_path", str(run_dir / "checkpoints" / "best.ckpt"), "--trainer.logger", "false",
-                       "--logging.progress_bar", "false", cwd=tmp_path)
+                       "--data.test_shards", val_shards, "--logging.progress_bar", "false", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         line = next(line for line in proc.stdout.splitlines() if key in line)
         assert abs(float(line.split()[-2]) - best_val) < 1e-5, line
@@ -149,3 +159,49 @@ def test_fabric_custom_loop_example_trains_the_same_under_ep2_and_pp2(tmp_path: 
         losses.append([float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("step ")])
     assert len(losses[0]) == 5
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_one_and_two_process_runs_share_a_run_dir_and_resume_across(tmp_path: Path) -> None:
+    """A 1-process run (file checkpoints), then a 2-process run (folder checkpoints) in the same run directory,
+    then one process resuming the 2-process checkpoint through the CLI."""
+    run_dir = tmp_path / "run"
+    common = ["--config", str(DEMO), "--training.val_every_n_steps", "2", "--training.val_batches", "2",
+              "--checkpoint.every_n_steps", "2", "--logging.run_dir", str(run_dir), "--logging.progress_bar", "false",
+              "--logging.heatmap_every_n_steps", "0"]
+    proc = run_cli("fit", *common, "--training.max_steps", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    two = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--parallel.expert_parallel_size", "2"]
+    proc = run_cli("fit", *common, *two, "--ckpt_path", "last", cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, "is a one-process checkpoint (one file)")
+    proc = run_cli("fit", *common, "--training.max_steps", "4", *two, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = [p for p in (run_dir / "checkpoints").glob("step0000004*.ckpt") if p.is_dir()]
+    assert len(folders) == 1 and (run_dir / "checkpoints" / "best.ckpt").is_dir(), proc.stderr[-3000:]
+    proc = run_cli("fit", *common, "--training.max_steps", "6", "--ckpt_path", str(folders[0]), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Restored all states from the checkpoint at {folders[0]}" in proc.stdout + proc.stderr
+    assert (run_dir / "checkpoints" / "step0000006.ckpt").exists()
+
+
+def test_help_lists_every_subcommand_and_predict_is_gone(tmp_path: Path) -> None:
+    proc = run_cli("--help", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()}
+    assert {"fit", "validate", "test", "summary", "plan", "prepare-data", "convert"} <= listed
+    assert "predict" not in proc.stdout
+    proc = run_cli("predict", "--config", str(DEMO), cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, "invalid choice: 'predict'")
+
+
+def test_print_config_shows_the_values_that_will_be_used(tmp_path: Path) -> None:
+    import yaml
+
+    proc = run_cli("fit", "--config", str(DEMO), "--print_config", "--training.max_steps", "7", cwd=tmp_path,
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["trainer"]["max_steps"] == 7 and printed["trainer"]["precision"] == "32-true"
+    assert printed["trainer"]["default_root_dir"] == "runs/cpu_demo"
+    assert printed["data"]["cache_dir"] == "runs/cpu_demo/data"
+    assert "args parameter" not in proc.stderr

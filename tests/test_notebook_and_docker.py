@@ -11,16 +11,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_notebook_executes() -> None:
+def test_notebook_executes_and_shows_its_charts_and_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
     import nbformat
     from nbclient import NotebookClient
 
+    monkeypatch.setenv("LIT_DEEPSEEK_RUN_DIR", str(tmp_path / "run"))  # no store there: the notebook trains one
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     nb = nbformat.read(ROOT / "notebooks" / "config_explorer.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
+    NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "671.03B" in outputs and "Total GPUs: 32" in outputs
-    assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not any(o.get("output_type") == "error" for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "671.03B" in text and "Total GPUs: 32" in text and "layouts fit" in text
+    assert "1 expert-load heatmaps logged" in text or "2 expert-load heatmaps logged" in text
+    images = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 4, len(images)  # parameters, memory by ZeRO stage, the run's curves, its heatmap
+    assert all(base64.b64decode(img).startswith(b"\x89PNG") for img in images)
+    assert (tmp_path / "run" / "mlflow.db").is_file()
 
 
 def test_dockerfile_lints_clean() -> None:

@@ -466,7 +466,14 @@ class DeepSeekDataModule(pl.LightningDataModule):
         if self.data.train_shards is None:
             from lit_deepseek.data.corpus import ensure_default_corpus
 
-            ensure_default_corpus(self.data.cache_dir, self.tokenizer)
+            ensure_default_corpus(self._cache_dir(), self.tokenizer)
+
+    def _cache_dir(self) -> str:
+        if self.data.cache_dir is not None:
+            return self.data.cache_dir
+        from lit_deepseek.config import DeepSeekConfig
+
+        return DeepSeekConfig(data=self.data).data_cache_dir()  # the default run directory's data/
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._train_shards is not None:
@@ -475,7 +482,7 @@ class DeepSeekDataModule(pl.LightningDataModule):
         if train is None:
             from lit_deepseek.data.corpus import ensure_default_corpus
 
-            train, default_val = ensure_default_corpus(self.data.cache_dir, self.tokenizer)
+            train, default_val = ensure_default_corpus(self._cache_dir(), self.tokenizer)
             val = val if val is not None else default_val
         identity = self.tokenizer.identity()
         self._train_shards = resolve_shards(train, "data.train_shards")
@@ -508,7 +515,10 @@ class DeepSeekDataModule(pl.LightningDataModule):
         """This rank's fixed validation (or test) items, or None without held-out shards."""
         self.setup()
         shards, field_name = self._val_shards, "data.val_shards"
-        if test and self.data.test_shards is not None:
+        if test:
+            if self.data.test_shards is None:
+                raise ConfigError("data.test_shards: `test` needs held-out test shards (the validation shards are "
+                                  "not a test set); set data.test_shards")
             field_name = "data.test_shards"
             shards = resolve_shards(self.data.test_shards, field_name)
             self._lengths.update(shard_lengths(shards, self.tokenizer.identity(), field_name))
@@ -533,7 +543,7 @@ class DeepSeekDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
 
     def test_dataloader(self) -> Any:
-        """The first `val_batches` micro-batches of data.test_shards (default: the validation shards)."""
+        """The first `val_batches` micro-batches of data.test_shards (required)."""
         dataset = self.val_dataset(test=True)
         if dataset is None:
             return []

@@ -164,13 +164,21 @@ def save_checkpoint(path: Union[str, os.PathLike], model_parts: list[nn.Module],
     _barrier()
     if _is_rank_zero():
         old = final.with_name(final.name + ".old")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        if final.exists():  # a folder, or a file left by a single-process run in the same directory
+            remove_path(old)
             final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
     _barrier()
     return final
+
+
+def remove_path(path: Path) -> None:
+    """Delete a checkpoint, whether a folder (distributed) or a file (single process); missing is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def load_checkpoint(path: Union[str, os.PathLike], model_parts: list[nn.Module],

@@ -159,9 +159,9 @@ class DeepSeekStrategy(ModelParallelStrategy):
 
     def remove_checkpoint(self, filepath: Union[str, Path]) -> None:
         if self.is_global_zero:
-            import shutil
+            from lit_deepseek.parallel.checkpoint import remove_path
 
-            shutil.rmtree(filepath, ignore_errors=True)
+            remove_path(Path(filepath))
 
 
 class DeepSeekFabricStrategy(FabricModelParallelStrategy):

@@ -120,6 +120,10 @@ def _write_atomic(checkpoint: dict[str, Any], path: Path) -> None:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+        if path.is_dir():  # a folder checkpoint of a multi-process run in the same directory
+            from lit_deepseek.parallel.checkpoint import remove_path
+
+            remove_path(path)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -283,7 +287,15 @@ def build_mlflow_logger(cfg: LoggingConfig, resume: bool) -> Any:
             run_id = None
     return MLFlowLogger(experiment_name=cfg.experiment_name, run_name=cfg.run_name, tracking_uri=tracking_uri(cfg),
                         run_id=run_id, synchronous=not cfg.async_logging, save_dir=None,
-                        artifact_location=None)
+                        artifact_location=artifact_location(cfg))
+
+
+def artifact_location(cfg: LoggingConfig) -> Optional[str]:
+    """Artifacts of a new experiment in the default store go to `<run_dir>/mlartifacts` (not ./mlruns of the
+    working directory); a user-given tracking URI keeps its own artifact store."""
+    if cfg.tracking_uri:
+        return None
+    return (Path(cfg.run_dir) / "mlartifacts").resolve().as_uri()
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
