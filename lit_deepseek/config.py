@@ -436,7 +436,7 @@ def check_field_domains(cfg: DeepSeekConfig) -> None:
             raise ConfigError(f"{name}: {rule}, got {value!r}")
 
 
-_OPTIONAL_FIELDS = ("model.moe.capacity_factor", "data.seed", "logging.peak_tflops")
+_OPTIONAL_FIELDS = ("model.moe.capacity_factor", "data.seed", "data.cache_dir", "logging.peak_tflops")
 
 # An allocation larger than this share of the memory it lands in is refused before anything starts.
 _FIT_SHARE = 1.0
