@@ -337,7 +337,8 @@ def test_cli_fp8_run_on_cpu_learns(tmp_path: Path) -> None:
     from tests.test_cli import DEMO, run_cli
 
     run_dir = tmp_path / "run"
-    proc = run_cli("fit", "--config", str(DEMO), "--training.use_fp8", "true", "--training.max_steps", "8",
+    proc = run_cli("fit", "--config", str(DEMO), "--training.use_fp8", "true", "--training.fp8_recipe", "blockwise",
+                   "--training.max_steps", "8",
                    "--training.lr_warmup_steps", "2", "--training.global_batch_size", "4", "--training.seq_length", "64",
                    "--training.micro_batch_size", "2", "--training.val_every_n_steps", "100",
                    "--checkpoint.every_n_steps", "100", "--logging.log_every_n_steps", "1",

@@ -77,8 +77,9 @@ def test_fit_on_gpu_learns(tmp_path: Path, precision: str, compile_: bool, steps
 
 
 def test_fit_on_gpu_fp8_with_accumulation_and_mtp(tmp_path: Path) -> None:
-    """FP8 under the default precision, with compile, 4 micro-batches per step and MTP."""
+    """FP8 (the default recipe) under bf16-mixed, with compile, 4 micro-batches per step and MTP."""
     _, run_dir = fit(tmp_path, "--training.use_fp8", "true", "--training.compile", "true",
+                     "--training.precision", "bf16-mixed",
                      "--training.micro_batch_size", "4", "--training.global_batch_size", "16")
     _, history = metrics(run_dir)
     assert_learns(history, 12)
@@ -88,7 +89,8 @@ def test_fit_on_gpu_fp8_with_accumulation_and_mtp(tmp_path: Path) -> None:
 def test_fit_on_gpu_resumes_into_the_same_run(tmp_path: Path) -> None:
     """The default precision (bf16-mixed, eager) with 2 micro-batches per step and MTP, stopped
     after 6 steps and resumed from `last` to 12: one MLflow run, the first 6 losses kept."""
-    accumulate = ["--training.micro_batch_size", "4", "--training.global_batch_size", "8"]
+    accumulate = ["--training.precision", "bf16-mixed",  # the demo config itself trains in 32-true
+                  "--training.micro_batch_size", "4", "--training.global_batch_size", "8"]
     proc, run_dir = fit(tmp_path, *accumulate, steps=6)
     assert "reference loop" not in proc.stderr  # mixed precision takes grouped GEMM
     first_id, first = metrics(run_dir)

@@ -234,15 +234,21 @@ def _blockwise_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks:
         scale_a, scale_b = cublas_block_scales(sa, sb, b_blocks, pad4)
         return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)[:m]
 
-    if not b_blocks or _WEIGHT_SCALE_PAD4 is not None or sb.shape[1] % 4 == 0:
-        return run(bool(_WEIGHT_SCALE_PAD4))
     try:
-        out = run(True)
-        _WEIGHT_SCALE_PAD4 = True
-    except RuntimeError:
-        out = run(False)
-        _WEIGHT_SCALE_PAD4 = False
-    return out
+        if not b_blocks or _WEIGHT_SCALE_PAD4 is not None or sb.shape[1] % 4 == 0:
+            return run(bool(_WEIGHT_SCALE_PAD4))
+        try:
+            out = run(True)
+            _WEIGHT_SCALE_PAD4 = True
+        except RuntimeError:
+            out = run(False)
+            _WEIGHT_SCALE_PAD4 = False
+        return out
+    except RuntimeError as exc:  # no silent fallback: say which setting to change
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ConfigError(f"training.fp8_recipe: blockwise: this torch/cuBLAS refused the block-scaled product "
+                          f"[{m} x {aq.shape[1]}] @ [{aq.shape[1]} x {bq.shape[0]}] ({reason}); use "
+                          "training.fp8_recipe: rowwise") from exc
 
 
 @_blockwise_mm_t_op.register_fake
@@ -560,7 +566,7 @@ def float8_experts_class() -> type:
 
 
 # ---------------------------------------------------------------------------------- conversion
-def check_fp8_supported(recipe: str = "blockwise") -> None:
+def check_fp8_supported(recipe: str = "rowwise") -> None:
     """Raise ConfigError unless a CUDA GPU runs `recipe`: compute capability >= 8.9 (rowwise) or
     >= 9.0 (blockwise, cuBLAS block scaling)."""
     need = (9, 0) if recipe == "blockwise" else (8, 9)
@@ -586,7 +592,7 @@ def fp8_excluded(name: str, exclude: Sequence[str]) -> bool:
     return False
 
 
-def convert_to_fp8(module: nn.Module, recipe: str = "blockwise", exclude: Sequence[str] = DEFAULT_EXCLUDE,
+def convert_to_fp8(module: nn.Module, recipe: str = "rowwise", exclude: Sequence[str] = DEFAULT_EXCLUDE,
                    emulate: Optional[bool] = None, experts: bool = True) -> dict[str, int]:
     """Switch the linear layers and routed experts of `module` to FP8 in place, except those named
     by `exclude` (default: embedding, output head, MoE router). Returns {"linear": n, "experts": m}.
