@@ -412,21 +412,14 @@ def summary_main(argv: list[str]) -> int:
     """`lit-deepseek summary --config FILE [--config OVERRIDE] [--world_size N] [--key.path value ...]`."""
     import argparse
 
-    import yaml
-
-    from lit_deepseek.config import load_config
+    from lit_deepseek.config import dotted_overrides, load_config
 
     parser = argparse.ArgumentParser(prog="lit-deepseek summary", description="Print parameters, layout and memory.")
     parser.add_argument("--config", "-c", action="append", required=True, help="YAML config (repeatable)")
     parser.add_argument("--world_size", type=int, default=None, help="Validate the layout against this world size")
     parser.add_argument("--gpu_memory", default="80GB", help="GPU memory the estimate is checked against (default 80GB)")
     args, rest = parser.parse_known_args(argv)
-    overrides = {}
-    it = iter(rest)
-    for key in it:
-        if not key.startswith("--"):
-            parser.error(f"unexpected argument {key}")
-        overrides[key[2:]] = yaml.safe_load(next(it, "null"))
+    overrides = dotted_overrides(rest)
     cfg = load_config(*args.config, overrides=overrides, world_size=args.world_size)
     cfg.print_summary(args.world_size)
     from lit_deepseek.planner import USABLE_FRACTION, gpus_needed, parse_memory

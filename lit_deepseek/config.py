@@ -596,6 +596,17 @@ def read_yaml(path: Union[str, os.PathLike]) -> dict:
     return data
 
 
+def dotted_overrides(args: list[str]) -> dict[str, Any]:
+    """`--key.path value` pairs of a tool's command line as {key.path: YAML value} for `load_config`."""
+    overrides: dict[str, Any] = {}
+    it = iter(args)
+    for key in it:
+        if not key.startswith("--"):
+            raise ConfigError(f"unexpected argument {key!r}: overrides are --key.path value pairs")
+        overrides[key[2:]] = yaml.safe_load(next(it, "null"))
+    return overrides
+
+
 def load_config(*paths: Union[str, os.PathLike], overrides: Optional[dict] = None,
                 validate: bool = True, world_size: Optional[int] = None) -> DeepSeekConfig:
     """Load one or more YAML files (later ones override earlier ones), then dotted overrides."""

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from lit_deepseek.config import ConfigError, DeepSeekConfig, validate_config
+from lit_deepseek.config import ConfigError, DeepSeekConfig, dotted_overrides, validate_config
 
 USABLE_FRACTION = 0.9
 """Share of a GPU's memory the estimate may fill."""
@@ -317,8 +317,6 @@ def format_plan(cfg: DeepSeekConfig, gpus: int, gpu_memory_gib: float, top: int 
 
 def plan_main(argv: list[str]) -> int:
     """`lit-deepseek plan --config FILE [--config OVERRIDE] --gpus N --gpu_memory 80GB [--key.path value ...]`."""
-    import yaml
-
     from lit_deepseek.config import load_config
 
     parser = argparse.ArgumentParser(
@@ -333,12 +331,7 @@ def plan_main(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.gpus < 1:
         raise ConfigError(f"--gpus: must be >= 1, got {args.gpus}")
-    overrides = {}
-    it = iter(rest)
-    for key in it:
-        if not key.startswith("--"):
-            parser.error(f"unexpected argument {key}")
-        overrides[key[2:]] = yaml.safe_load(next(it, "null"))
+    overrides = dotted_overrides(rest)
     cfg = load_config(*args.config, overrides=overrides)
     print(format_plan(cfg, args.gpus, parse_memory(args.gpu_memory), top=args.top, gpus_per_node=args.gpus_per_node,
                       name=" + ".join(args.config)))
