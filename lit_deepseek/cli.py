@@ -150,15 +150,16 @@ class LitDeepSeekCLI(LightningCLI):
             val_batches=t.val_batches, batch_per_step=True,
         )
         self.datamodule.check_vocab(cfg.model.vocab_size)
-        self.datamodule.check_cache_dir()
         ckpt_path = ns.get("ckpt_path")
         ckpt_dir = checkpoint_dir(cfg)
         user_logger = trainer_cfg.get("logger")
         if user_logger is not False:
             check_tracking_uri(lg)
-        if self.subcommand == "fit" and launch_rank() == 0:
-            # one run per run directory; then tidy what an interrupted run left behind
+        owner = self.subcommand == "fit" and launch_rank() == 0
+        if owner:  # one run per run directory
             lock_run_dir(lg.run_dir)
+        self.datamodule.check_cache_dir()  # after the run directory's own check: the corpus lives under it by default
+        if owner:  # then tidy what an interrupted run left behind
             protect = Path(ckpt_path) if ckpt_path and ckpt_path != "last" else None
             tidy_checkpoint_dir(ckpt_dir, cfg.checkpoint.keep_last, protect=protect)
         if ckpt_path and launch_rank() == 0:

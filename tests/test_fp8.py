@@ -213,7 +213,7 @@ def test_fp8_exclude_patterns() -> None:
     assert fp8_excluded("layers.3.attn.o_proj", exclude) and fp8_excluded("mtp.0.eh_proj", exclude)
     cfg = tiny_model_config()
     model = DeepSeekV3(cfg)
-    counts = convert_to_fp8(model, exclude=["embed", "head", "gate", "layers.1.*", "*.kv_b_proj"], emulate=True)
+    counts = convert_to_fp8(model, recipe="blockwise", exclude=["embed", "head", "gate", "layers.1.*", "*.kv_b_proj"], emulate=True)
     assert type(model.layers["1"].attn.q_a_proj) is nn.Linear and type(model.layers["0"].attn.kv_b_proj) is nn.Linear
     assert type(model.layers["1"].ffn.experts) is GroupedExperts and isinstance(model.layers["0"].attn.q_a_proj, Float8Linear)
     assert counts["experts"] == len(model.moe_layers()) - 1
@@ -223,7 +223,7 @@ def test_compiled_blockwise_layers_match_eager() -> None:
     """torch.compile traces the FP8 autograd functions (aot_eager on CPU; inductor in the GPU test)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(200, 136, bias=False), nn.SiLU(), nn.Linear(136, 72, bias=False))
-    convert_to_fp8(model, exclude=[], emulate=True)
+    convert_to_fp8(model, recipe="blockwise", exclude=[], emulate=True)
     compiled = copy.deepcopy(model)
     compiled.compile(backend="aot_eager")
     x = torch.randn(2, 64, 200)
@@ -244,7 +244,7 @@ def _tp_fp8_worker(rank: int, world_size: int, cfg, batch) -> tuple:
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
     model = make_model(cfg)
     apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True, loss_parallel=True)
-    convert_to_fp8(model, emulate=None)  # after TP, in the order of `parallelize`
+    convert_to_fp8(model, recipe="blockwise", emulate=None)  # after TP, in the order of `parallelize`
     sharded = type(model.layers["0"].attn.q_b_proj.weight).__name__
     with loss_parallel_context(model):
         loss = LocalPlan().forward_backward(model, batch, MICRO, vocab_parallel_loss(loss_fn)).total.item()
@@ -264,7 +264,7 @@ def test_tp2_fp8_gradients_match_one_process() -> None:
     cfg = tiny_model_config()
     batch = make_batches(cfg, steps=1)[0]
     model = make_model(cfg)
-    convert_to_fp8(model, emulate=True)
+    convert_to_fp8(model, recipe="blockwise", emulate=True)
     ref_loss = LocalPlan().forward_backward(model, batch, MICRO, loss_fn).total.item()
     loss, grads, sharded = run_distributed(_tp_fp8_worker, 2, cfg, batch, timeout_s=90)[0]
     assert sharded == "DTensor"
@@ -286,7 +286,7 @@ def test_fp8_under_expert_parallel_and_zero3() -> None:
 
     def config(fp8: bool, parallel: dict | None = None) -> object:
         cfg = tiny_run_config(parallel=parallel, steps_batch=8)
-        cfg.training.use_fp8 = fp8
+        cfg.training.use_fp8, cfg.training.fp8_recipe = fp8, "blockwise"
         return cfg
 
     with warnings.catch_warnings():

@@ -186,10 +186,10 @@ def test_activation_checkpointing_keeps_a_later_fp8_conversion() -> None:
         model = DeepSeekV3(cfg)
         model.init_weights(seed=5)
         if order == "fp8 first":
-            convert_to_fp8(model, emulate=True)
+            convert_to_fp8(model, recipe="blockwise", emulate=True)
         apply_activation_checkpointing(model, "selective")
         if order == "checkpointing first":
-            convert_to_fp8(model, emulate=True)
+            convert_to_fp8(model, recipe="blockwise", emulate=True)
         outputs.append(model(ids))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
     assert not torch.equal(outputs[1], outputs[2])  # FP8 really ran
