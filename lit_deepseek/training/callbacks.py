@@ -165,6 +165,13 @@ class LinkedCheckpoint(ModelCheckpoint):
             for p in older[self.save_top_k - 1:]:
                 trainer.strategy.remove_checkpoint(str(p))
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run that ends between periodic saves (max_steps not a multiple of every_n_steps) still
+        leaves its final state: the periodic checkpoint of the last step, and `last`."""
+        if self.monitor == "step" and self._every_n_train_steps > 0:
+            self.save_now(trainer)
+        super().on_train_end(trainer, pl_module)
+
     def save_now(self, trainer: L.Trainer) -> Optional[str]:
         """Save this step's periodic checkpoint (and last) now, unless this step is saved already."""
         if trainer.global_step == 0:
