@@ -157,8 +157,8 @@ def memory_estimate(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> di
 def activation_bytes(cfg: DeepSeekConfig) -> float:
     """Bytes kept for backward by one micro-batch on one pipeline stage, plus the loss's buffers.
 
-    Counts the tensors the eager training path saves per token (measured against an H200 run of
-    benchmarks/bench_train.py: within +10% of the peak for the small config at 4096 and 8192): each
+    Counts the tensors the eager training path saves per token (checked against H200 peaks of
+    `lit-deepseek fit`, benchmarks/bench_fit.py: within 3-8% for the small config): each
     RMSNorm keeps its float32 copy, the normed value and its output; attention keeps the projected
     queries, the latents, the decompressed keys/values, the concatenated q and k, the output and the
     log-sum-exp; an MoE layer keeps the router's float32 input, the k sorted copies and their
