@@ -297,9 +297,7 @@ def generate_main(argv: list[str]) -> int:
     import json
     import sys
 
-    import yaml
-
-    from lit_deepseek.config import ConfigError
+    from lit_deepseek.config import ConfigError, dotted_overrides
 
     parser = argparse.ArgumentParser(
         prog="lit-deepseek generate",
@@ -329,12 +327,7 @@ def generate_main(argv: list[str]) -> int:
     gen.add_argument("--timing", action="store_true",
                      help="after a short warm-up, print {new_tokens, seconds, tokens_per_s} of the generation to stderr")
     args, rest = parser.parse_known_args(argv)
-    overrides: dict[str, Any] = {}
-    it = iter(rest)
-    for key in it:
-        if not key.startswith("--"):
-            raise ConfigError(f"generate: unexpected argument {key}")
-        overrides[key[2:]] = yaml.safe_load(next(it, "null"))
+    overrides = dotted_overrides(rest)
 
     # ---- every check that needs no model
     try:
