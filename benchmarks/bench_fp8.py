@@ -16,7 +16,7 @@
 Every run is a `lit-deepseek fit` subprocess (`bench_fit.fit_command`) with a hard time limit; no
 run starts after --budget-s.
 
-    python benchmarks/bench_fp8.py --phases convergence --steps 1000 --out $OUT/fp8
+    python benchmarks/bench_fp8.py --phases convergence --steps 1000 --concurrent --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases speed --speed-configs small --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases speed --speed-configs large --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases convergence --steps 4 --device cpu --out /tmp/bench_fp8  # smoke
@@ -29,6 +29,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -84,14 +85,21 @@ def conv_run(name: str, fp8: bool, recipe: str, seed: int, args: argparse.Namesp
 def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> list[str]:
     runs = [("bf16-seedA", False, "blockwise", args.seed_a), ("bf16-seedB", False, "blockwise", args.seed_b),
             ("fp8-blockwise", True, "blockwise", args.seed_a), ("fp8-rowwise", True, "rowwise", args.seed_a)]
-    share = args.conv_budget_s / len(runs)
     results: dict[str, dict[str, Any]] = {}
-    for name, fp8, recipe, seed in runs:
-        left = deadline - time.time()
-        if left < 90:
-            print(f"[{name}] skipped: benchmark budget spent", flush=True)
-            continue
-        results[name] = conv_run(name, fp8, recipe, seed, args, work, min(share, left - 60))
+    if args.concurrent:  # all four at once on the one device (small models leave it mostly idle)
+        limit = min(args.conv_budget_s, deadline - time.time() - 60)
+        with ThreadPoolExecutor(len(runs)) as pool:
+            futures = {name: pool.submit(conv_run, name, fp8, recipe, seed, args, work, limit)
+                       for name, fp8, recipe, seed in runs}
+        results = {name: f.result() for name, f in futures.items()}
+    else:
+        share = args.conv_budget_s / len(runs)
+        for name, fp8, recipe, seed in runs:
+            left = deadline - time.time()
+            if left < 90:
+                print(f"[{name}] skipped: benchmark budget spent", flush=True)
+                continue
+            results[name] = conv_run(name, fp8, recipe, seed, args, work, min(share, left - 60))
     tokens = 4 * 64 if args.device == "cpu" else 64 * 1024
     common = min((len(r["loss"]) for r in results.values()), default=0)
     window = min(100, common)
@@ -215,7 +223,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench_fp8", help="run directories (MLflow stores, logs)")
     ap.add_argument("--steps", type=int, default=1000, help="optimizer steps asked of each convergence run")
     ap.add_argument("--conv-budget-s", type=float, default=440,
-                    help="training time of the four convergence runs together (an equal share each)")
+                    help="training time of the four convergence runs together (an equal share each; "
+                         "with --concurrent, the limit of each)")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run the four convergence runs at the same time on the one device")
     ap.add_argument("--seed-a", type=int, default=1234)
     ap.add_argument("--seed-b", type=int, default=4321)
     ap.add_argument("--speed-configs", default="small,large", help="comma list of: small, large")

@@ -157,22 +157,30 @@ def test_blockwise_quantization_round_trip_tiles_and_padding() -> None:
 
 
 def test_cublas_scale_layouts_follow_torch_rules() -> None:
-    m, n, k = 96, 320, 200
-    aq, sa = quantize_1x128(torch.randn(m, k))
-    bq, sb = quantize_128x128(torch.randn(n, k))
-    kt, nt = sa.shape[1], sb.shape[0]
-    for pad4 in (False, True):
-        scale_a, scale_b = cublas_block_scales(sa, sb, True, pad4)
+    """The scale layouts handed to cuBLAS block scaling pass torch's own shape rules (its meta
+    kernels run them on CPU), for K whose tile count is and is not a multiple of 4."""
+    F = torch.nn.functional
+    for m, n, k in ((96, 320, 200), (64, 256, 640), (32, 128, 1024)):
+        aq, sa = quantize_1x128(torch.randn(m, k))
+        bq, sb = quantize_128x128(torch.randn(n, k))
+        kt, nt = sa.shape[1], sb.shape[0]
+        l4 = -(-kt // 4) * 4
+        scale_a, scale_b = cublas_block_scales(sa, sb, True)
         assert scale_a.shape == (m, kt) and scale_a.stride() == (1, m)  # outer-dim-major
-        assert scale_b.shape == (kt, nt) and scale_b.t().stride() == (4 if pad4 else kt, 1)
-        assert torch.equal(scale_a, sa) and torch.equal(scale_b.t(), sb)
-    gq, sg = quantize_1x128(torch.randn(k, 256))  # 1x128 x 1x128 (weight gradient)
-    scale_a, scale_b = cublas_block_scales(sg, sg, False)
-    assert scale_b.shape == (2, k) and scale_b.is_contiguous() and torch.equal(scale_b.t(), sg)
-    # torch's shape checks of _scaled_mm accept them (meta tensors run the shape rules on CPU)
-    scale_a, scale_b = (t.to("meta") for t in cublas_block_scales(sa, sb, True))
-    out = torch._scaled_mm(aq.to("meta"), bq.to("meta").t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
-    assert out.shape == (m, bq.shape[0])
+        assert scale_b.shape == (l4, nt) and scale_b.stride() == (1, l4)
+        assert torch.equal(scale_a, sa) and torch.equal(scale_b[:kt].t(), sb) and not scale_b[kt:].any()
+        meta = [t.to("meta") for t in (aq, bq, scale_a, scale_b)]
+        out = F.scaled_mm(meta[0], meta[1].t(), meta[2], F.ScalingType.BlockWise1x128, meta[3],
+                          F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+        assert out.shape == (m, bq.shape[0])
+        gq, sg = quantize_1x128(torch.randn(k, 256))  # 1x128 x 1x128 (weight gradient)
+        scale_a, scale_b = cublas_block_scales(sg, sg, False)
+        assert scale_b.shape == (k, 2) and scale_b.stride() == (1, k) and torch.equal(scale_b, sg)
+        if kt % 4 == 0:  # the torch._scaled_mm fallback (K padded to 512) infers the recipe from shapes
+            meta = [t.to("meta") for t in cublas_block_scales(sa, sb, True)]
+            out = torch._scaled_mm(aq.to("meta"), bq.to("meta").t(), scale_a=meta[0], scale_b=meta[1],
+                                   out_dtype=torch.bfloat16)
+            assert out.shape == (m, bq.shape[0])
 
 
 def test_emulated_blockwise_grouped_within_bounds_of_float64() -> None:

@@ -199,51 +199,60 @@ class _Fp8Linear(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------- blockwise, dense
-#: row stride of the 128x128 weight scales that cuBLAS takes: torch 2.9-2.11 want ceil(K/128)
-#: rounded up to a multiple of 4 (16-byte aligned), later versions ceil(K/128) itself; found by
-#: trial at the first call whose ceil(K/128) is not a multiple of 4 (where the two differ)
-_WEIGHT_SCALE_PAD4: Optional[bool] = None
+def _scaled_mm_v2() -> Any:
+    """`torch.nn.functional.scaled_mm` (torch >= 2.10): block scaling named per operand."""
+    return getattr(F, "scaled_mm", None)
 
 
-def cublas_block_scales(sa: Tensor, sb: Tensor, b_blocks: bool, pad4: bool = False) -> tuple[Tensor, Tensor]:
-    """The scale tensors `torch._scaled_mm(aq, bq.t(), ...)` takes for 1x128 scales sa [M, Kt] of aq
-    and 128x128 [N/128, Kt] (b_blocks) or 1x128 [N, Kt] scales sb of bq (torch's rules): scale_a
-    (M, Kt) column-major (outer-dim-major); 1x128 scale_b (Kt, N) row-major; 128x128 scale_b
-    (Kt, N/128) whose transpose is row-major with row stride Kt (pad4: Kt rounded up to 4)."""
+def cublas_block_scales(sa: Tensor, sb: Tensor, b_blocks: bool) -> tuple[Tensor, Tensor]:
+    """The scale tensors cuBLAS block scaling takes through `torch.nn.functional.scaled_mm(aq,
+    bq.t(), ...)` for 1x128 scales sa [M, Kt] of aq and 128x128 [N/128, Kt] (b_blocks) or 1x128
+    [N, Kt] scales sb of bq (torch's rules for `ScalingType.BlockWise1x128` / `BlockWise128x128`):
+    scale_a (M, Kt) with strides (1, M); 1x128 scale_b (N, Kt) with strides (1, N); 128x128
+    scale_b (L4, N/128) with strides (1, L4), where L4 is Kt rounded up to a multiple of 4 (the
+    padding scales are zero and meet no data)."""
     scale_a = sa.t().contiguous().t()
     if not b_blocks:
-        return scale_a, sb.t().contiguous()
+        return scale_a, sb.t().contiguous().t()
     nt, kt = sb.shape
-    ld = -(-kt // 4) * 4 if pad4 else kt
-    buf = sb.new_zeros(nt, ld)
+    buf = sb.new_zeros(nt, -(-kt // 4) * 4)
     buf[:, :kt] = sb
-    return scale_a, buf[:, :kt].t()
+    return scale_a, buf.t()
+
+
+def _pad_k_to_512(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zero-pad the contraction dimension of both quantized operands (and their scales) to a
+    multiple of 512, so that the scale rows are 16-byte aligned for torch's `_scaled_mm`."""
+    if aq.shape[1] % 512 == 0:
+        return aq, sa, bq, sb
+    pad = lambda t, m: _pad_to(t.view(torch.uint8), 1, m).view(t.dtype)  # noqa: E731
+    return pad(aq, 512), _pad_to(sa, 1, 4), pad(bq, 512), _pad_to(sb, 1, 4)
 
 
 @torch.library.custom_op("lit_deepseek::blockwise_mm_t", mutates_args=())
 def _blockwise_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
     """aq [M, Kp] e4m3 with 1x128 scales sa [M, Kt]; bq [N, Kp] e4m3 with 128x128 scales [N/128, Kt]
-    (b_blocks) or 1x128 scales [N, Kt] -> bf16 [M, N] by cuBLAS block-scaled `torch._scaled_mm`."""
-    global _WEIGHT_SCALE_PAD4
+    (b_blocks) or 1x128 scales [N, Kt] -> bf16 [M, N] by cuBLAS block scaling (Hopper):
+    `torch.nn.functional.scaled_mm` with the recipe of each operand named, or on torch without it
+    `torch._scaled_mm` with K padded to a multiple of 512 (its shape-inferred recipe needs aligned
+    scale rows)."""
     m = aq.shape[0]
     if m % 16:  # rows (and the column-major scale_a stride) padded to 16: cuBLAS alignment
         aq, sa = _pad_to(aq.view(torch.uint8), 0, 16).view(aq.dtype), _pad_to(sa, 0, 16)
-    a, b = aq.contiguous(), bq.contiguous().t()
-
-    def run(pad4: bool) -> Tensor:
-        scale_a, scale_b = cublas_block_scales(sa, sb, b_blocks, pad4)
-        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)[:m]
-
+    v2 = _scaled_mm_v2()
     try:
-        if not b_blocks or _WEIGHT_SCALE_PAD4 is not None or sb.shape[1] % 4 == 0:
-            return run(bool(_WEIGHT_SCALE_PAD4))
-        try:
-            out = run(True)
-            _WEIGHT_SCALE_PAD4 = True
-        except RuntimeError:
-            out = run(False)
-            _WEIGHT_SCALE_PAD4 = False
-        return out
+        if v2 is not None:
+            kind = F.ScalingType
+            scale_a, scale_b = cublas_block_scales(sa, sb, b_blocks)
+            out = v2(aq.contiguous(), bq.contiguous().t(), scale_a, kind.BlockWise1x128, scale_b,
+                     kind.BlockWise128x128 if b_blocks else kind.BlockWise1x128, output_dtype=torch.bfloat16)
+        else:
+            aq, sa, bq, sb = _pad_k_to_512(aq, sa, bq, sb)
+            scale_a, scale_b = cublas_block_scales(sa, sb, b_blocks)
+            scale_b = scale_b if b_blocks else scale_b.t().contiguous()  # (Kt, N) row-major here
+            out = torch._scaled_mm(aq.contiguous(), bq.contiguous().t(), scale_a=scale_a, scale_b=scale_b,
+                                   out_dtype=torch.bfloat16)
+        return out[:m]
     except RuntimeError as exc:  # no silent fallback: say which setting to change
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ConfigError(f"training.fp8_recipe: blockwise: this torch/cuBLAS refused the block-scaled product "
