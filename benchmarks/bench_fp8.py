@@ -2,12 +2,17 @@
 
 (a) convergence: BF16 seed A, BF16 seed B (the seed-to-seed noise floor), FP8 blockwise and FP8
     row-wise (seed A) on the model of `benchmarks/fp8_conv.yaml` (stacked on configs/cpu_demo.yaml):
-    same data (the built-in corpus: real text), 65,536 tokens per step, bf16-mixed, regional
-    compile. The learning rate is constant after warm-up, so runs that their time limit
-    (`--trainer.max_time`, an equal share of --conv-budget-s each) stops at different steps are
-    compared over their common steps: final loss = mean of the last 100 common steps. Writes a gap
-    table and a PNG of the curves (under --out and benchmarks/), and logs both to each run's MLflow
-    store.
+    the same shards for all four, 65,536 tokens per step, bf16-mixed, regional compile. Data
+    (--corpus): `local` (the default on the GPU) is the .py/.rst/.md/.txt files of this Python
+    installation (sorted paths, UTF-8 only, no duplicates, up to --corpus-mb MB), one JSONL
+    document per file, tokenized once by `lit-deepseek prepare-data` (byte-level) under the work
+    directory; `builtin` (the CPU smoke's default) is the product's demo corpus (~465 KB, which
+    1000 steps go over >100 times). The table header gives the corpus, its tokens and the epochs
+    that the steps asked make of it. The learning rate is constant after warm-up, so runs that
+    their time limit (`--trainer.max_time`, an equal share of --conv-budget-s each) stops at
+    different steps are compared over their common steps: final loss = mean of the last 100 common
+    steps. Writes a gap table and a PNG of the curves (under --out and benchmarks/), and logs both
+    to each run's MLflow store.
 (b) speed: tokens/s and MFU of bf16 vs FP8 blockwise vs FP8 row-wise (bf16-mixed, compile) on the
     small config (8 x 4096 tokens per step) and on the d_model 2048 config of `v3_d2048.yaml`
     (4 x 4096), measured by `bench_fit.py`'s product rows (tokens of the timed steps over the
@@ -19,15 +24,20 @@ run starts after --budget-s.
     python benchmarks/bench_fp8.py --phases convergence --steps 1000 --concurrent --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases speed --speed-configs small --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases speed --speed-configs large --out $OUT/fp8
-    python benchmarks/bench_fp8.py --phases convergence --steps 4 --device cpu --out /tmp/bench_fp8  # smoke
+    python benchmarks/bench_fp8.py --phases convergence --steps 4 --device cpu --concurrent --out /tmp/bench_fp8  # smoke
+    python benchmarks/bench_fp8.py --phases convergence --steps 3 --device cpu --corpus local --corpus-mb 2 \
+        --out /tmp/bench_fp8  # smoke of the local corpus
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import subprocess
 import sys
+import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,8 +60,43 @@ def final_loss(loss: list[float], window: int) -> Optional[float]:
     return sum(loss[-window:]) / len(loss[-window:]) if loss else None
 
 
+def local_corpus(work: Path, limit_mb: float) -> tuple[list[str], dict[str, Any]]:
+    """The Python installation's text files as JSONL, tokenized by `lit-deepseek prepare-data`.
+
+    Returns the fit arguments that point a run at its shards and the corpus' manifest."""
+    paths = sysconfig.get_paths()
+    files: set[str] = set()
+    for root in {paths["stdlib"], paths["purelib"], sys.prefix}:
+        for folder, _, names in os.walk(root):
+            files.update(os.path.realpath(os.path.join(folder, n)) for n in names
+                         if n.endswith((".py", ".rst", ".md", ".txt")))
+    jsonl, seen, size = work / "corpus-local.jsonl", set(), 0
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for path in sorted(files):
+            if size >= limit_mb * 1e6:
+                break
+            try:
+                data = Path(path).read_bytes()
+                text = data.decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            digest = hashlib.sha256(data).digest()
+            if not text.strip() or digest in seen:
+                continue
+            seen.add(digest)
+            f.write(json.dumps({"text": text}) + "\n")
+            size += len(data)
+    shards = work / "corpus-local"
+    subprocess.run([sys.executable, "-m", "lit_deepseek", "prepare-data", "--inputs", str(jsonl), "--output",
+                    str(shards), "--val_docs", "16", "--no_progress"], cwd=work, check=True)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    print(f"local corpus: {len(seen)} files, {size / 1e6:.1f} MB, {manifest['train']['tokens']:,} train tokens",
+          flush=True)
+    return ["--data.train_shards", str(shards / "train-*.tar"), "--data.val_shards", str(shards / "val-*.tar")], manifest
+
+
 def conv_run(name: str, fp8: bool, recipe: str, seed: int, args: argparse.Namespace, work: Path,
-             limit_s: float) -> dict[str, Any]:
+             limit_s: float, data: list[str]) -> dict[str, Any]:
     """One convergence run: stops training after limit_s, is killed 120 s later; its train/loss."""
     cpu = args.device == "cpu"
     row = bench_fit.Row("demo" if cpu else "fp8conv", seq=64 if cpu else 1024, micro=2 if cpu else 32,
@@ -61,7 +106,7 @@ def conv_run(name: str, fp8: bool, recipe: str, seed: int, args: argparse.Namesp
     cmd = bench_fit.fit_command(row, run_dir, args.steps, 1) + (SMOKE if cpu else []) + [
         "--training.seed", str(seed), "--training.lr_warmup_steps", str(2 if cpu else 100),
         "--training.lr_schedule", "constant", "--trainer.max_time",
-        time.strftime("00:%H:%M:%S", time.gmtime(max(1, int(limit_s))))]
+        time.strftime("00:%H:%M:%S", time.gmtime(max(1, int(limit_s))))] + data
     print(f"[{name}] starting (training time limit {limit_s:.0f}s)", flush=True)
     t0 = time.time()
     try:
@@ -86,10 +131,11 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
     runs = [("bf16-seedA", False, "blockwise", args.seed_a), ("bf16-seedB", False, "blockwise", args.seed_b),
             ("fp8-blockwise", True, "blockwise", args.seed_a), ("fp8-rowwise", True, "rowwise", args.seed_a)]
     results: dict[str, dict[str, Any]] = {}
+    data, manifest = local_corpus(work, args.corpus_mb) if args.corpus == "local" else ([], None)
     if args.concurrent:  # all four at once on the one device (small models leave it mostly idle)
         limit = min(args.conv_budget_s, deadline - time.time() - 60)
         with ThreadPoolExecutor(len(runs)) as pool:
-            futures = {name: pool.submit(conv_run, name, fp8, recipe, seed, args, work, limit)
+            futures = {name: pool.submit(conv_run, name, fp8, recipe, seed, args, work, limit, data)
                        for name, fp8, recipe, seed in runs}
         results = {name: f.result() for name, f in futures.items()}
     else:
@@ -99,12 +145,21 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
             if left < 90:
                 print(f"[{name}] skipped: benchmark budget spent", flush=True)
                 continue
-            results[name] = conv_run(name, fp8, recipe, seed, args, work, min(share, left - 60))
+            results[name] = conv_run(name, fp8, recipe, seed, args, work, min(share, left - 60), data)
     tokens = 4 * 64 if args.device == "cpu" else 64 * 1024
     common = min((len(r["loss"]) for r in results.values()), default=0)
     window = min(100, common)
+    if manifest is None:  # the built-in corpus: the manifest that the first run wrote under its run directory
+        found = sorted(work.glob("*/data/pydoc-topics-*/manifest.json"))
+        manifest = json.loads(found[0].read_text()) if found else None
+    if manifest:
+        train = manifest["train"]["tokens"]
+        corpus = (f"{args.corpus} corpus: {train:,} train tokens; {args.steps} steps x {tokens:,} tokens = "
+                  f"{args.steps * tokens / train:.3g} epochs")
+    else:
+        corpus = f"{args.corpus} corpus: size unknown"
     lines = [f"## FP8 convergence ({common} common steps, {args.steps} asked, {tokens:,} tokens per step; final loss "
-             f"= mean of the last {window})", "", "| run | steps done | final loss | vs BF16 seed A | wall s |",
+             f"= mean of the last {window}; {corpus})", "", "| run | steps done | final loss | vs BF16 seed A | wall s |",
              "| --- | --- | --- | --- | --- |"]
     finals = {name: final_loss(r["loss"][:common], window) if common else None for name, r in results.items()}
     base = finals.get("bf16-seedA")
@@ -236,7 +291,12 @@ def main() -> None:
     ap.add_argument("--run-limit-s", type=float, default=200, help="hard limit of one speed run")
     ap.add_argument("--budget-s", type=float, default=560, help="no run starts after this many seconds")
     ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="cpu: smoke test on the demo model")
+    ap.add_argument("--corpus", choices=["local", "builtin"], default=None,
+                    help="convergence data: this Python installation's text files (default on gpu) or the "
+                         "built-in demo corpus (default on cpu)")
+    ap.add_argument("--corpus-mb", type=float, default=120, help="size of the local corpus in MB of text")
     args = ap.parse_args()
+    args.corpus = args.corpus or ("builtin" if args.device == "cpu" else "local")
     out, work = Path(args.out).resolve(), Path(args.work).resolve() / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
