@@ -16,8 +16,8 @@ of `y = x @ w.T` (x [tokens, K], w [N, K]):
 
 The weight is quantized once per step of a layer and reused, transposed, for the input gradient
 (a 128x128 block stays a block under transposition). Dimensions that are not multiples of 128 are
-zero-padded (zeros add nothing to a product). Dense layers run `torch._scaled_mm` with cuBLAS
-block scaling (Hopper); the routed experts run the Triton grouped kernels of
+zero-padded (zeros add nothing to a product). Dense layers run cuBLAS block scaling (Hopper)
+through `torch.nn.functional.scaled_mm`; the routed experts run the Triton grouped kernels of
 `lit_deepseek.kernels.fp8_triton` (torch has no block-scaled grouped GEMM), or, without Triton or
 with LIT_DEEPSEEK_FP8_GROUPED=loop, one `torch._scaled_mm` per expert (slower; warns once).
 
@@ -36,7 +36,8 @@ float32 (quantize, dequantize, multiply): the path used on CPU (`emulate=None` p
 non-CUDA inputs) and the one the kernel tests compare against. `fp8_enabled = False` gives back
 the plain layer.
 
-Use: `convert_to_fp8(model, recipe=..., exclude=...)` before `torch.compile`.
+Use: `convert_to_fp8(model, recipe=..., exclude=...)` before `torch.compile`; the FP8 products stay
+outside the compiled graphs (see the note under `_warned`).
 """
 
 from __future__ import annotations
@@ -64,11 +65,10 @@ DEFAULT_EXCLUDE = ("embed", "head", "gate")
 DEFAULT_SKIP = DEFAULT_EXCLUDE
 
 _warned: set[str] = set()
-#: The FP8 products run eagerly between compiled regions (torch.compiler.disable): on an H200 with
-#: torch 2.11 the compiled backward of the blockwise autograd functions returned wrong input and
-#: weight gradients (relative error 1.0 against eager, forward exact) and compiled FP8 runs of
-#: `lit-deepseek fit` stopped learning, while the eager products learn like bf16.
-_EAGER_FP8 = True
+# Why the FP8 products are wrapped in torch.compiler.disable (they run eagerly between compiled
+# regions): on an H200 with torch 2.11 the compiled backward of the blockwise autograd functions
+# returned wrong input and weight gradients (relative error 1.0 against eager, forward exact) and
+# compiled FP8 runs of `lit-deepseek fit` stopped learning, while the eager products learn like bf16.
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -359,7 +359,7 @@ class Float8Linear(nn.Linear):
             y = y + self.bias.to(y.dtype)
         return y
 
-    @torch.compiler.disable  # see _EAGER_FP8
+    @torch.compiler.disable  # eager: see the note under _warned
     def _product(self, x: Tensor, w: Tensor) -> Tensor:
         shape, out_dtype = x.shape, compute_dtype(x)
         emulate = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
@@ -571,7 +571,7 @@ class Float8GroupedExperts(GroupedExperts):
         e = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
         x = x.to(compute_dtype(x))  # as GroupedExperts: the autocast dtype under mixed precision
         mm = torch.compiler.disable(fp8_blockwise_grouped_linear if self.fp8_recipe == "blockwise"
-                                    else fp8_grouped_linear)  # see _EAGER_FP8
+                                    else fp8_grouped_linear)  # eager: see the note under _warned
         h = F.silu(mm(x, self.w1, offsets, e)) * mm(x, self.w3, offsets, e)
         return mm(h, self.w2, offsets, e).to(x.dtype)
 
