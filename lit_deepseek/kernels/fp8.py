@@ -36,8 +36,8 @@ float32 (quantize, dequantize, multiply): the path used on CPU (`emulate=None` p
 non-CUDA inputs) and the one the kernel tests compare against. `fp8_enabled = False` gives back
 the plain layer.
 
-Use: `convert_to_fp8(model, recipe=..., exclude=...)` before `torch.compile`; the FP8 products stay
-outside the compiled graphs (see the note under `_warned`).
+Use: `convert_to_fp8(model, recipe=..., exclude=...)` before `torch.compile`. Each product is a
+custom op pair (forward, backward) that the compiler keeps opaque: see `fp8_linear`.
 """
 
 from __future__ import annotations
@@ -65,10 +65,6 @@ DEFAULT_EXCLUDE = ("embed", "head", "gate")
 DEFAULT_SKIP = DEFAULT_EXCLUDE
 
 _warned: set[str] = set()
-# Why the FP8 products are wrapped in torch.compiler.disable (they run eagerly between compiled
-# regions): on an H200 with torch 2.11 the compiled backward of the blockwise autograd functions
-# returned wrong input and weight gradients (relative error 1.0 against eager, forward exact) and
-# compiled FP8 runs of `lit-deepseek fit` stopped learning, while the eager products learn like bf16.
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -185,24 +181,6 @@ def _(xq: Tensor, sx: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor) -> Tensor
     return xq.new_empty(xq.shape[0], wq.shape[1], dtype=torch.bfloat16)
 
 
-class _Fp8Linear(torch.autograd.Function):
-    """y = x @ w.T with all three products of forward and backward in FP8."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, emulate: bool) -> Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.emulate = emulate
-        return fp8_mm_t(x, w, emulate).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None]:
-        x, w = ctx.saved_tensors
-        g = g.contiguous()
-        grad_x = fp8_mm_t(g, w.t().contiguous(), ctx.emulate).to(x.dtype)
-        grad_w = fp8_mm_t(g.t().contiguous(), x.t().contiguous(), ctx.emulate).to(w.dtype)
-        return grad_x, grad_w, None
-
-
 # ---------------------------------------------------------------------------------- blockwise, dense
 def _scaled_mm_v2() -> Any:
     """`torch.nn.functional.scaled_mm` (torch >= 2.10): block scaling named per operand."""
@@ -287,27 +265,6 @@ def blockwise_wgrad(g: Tensor, x: Tensor, emulate: bool) -> Tensor:
     return blockwise_mm_t(gq, sg, xq, sx, False, emulate)
 
 
-class _BlockwiseLinear(torch.autograd.Function):
-    """y = x @ w.T with the three products of forward and backward in block-scaled FP8."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, emulate: bool, out_dtype: torch.dtype) -> Tensor:
-        wq, sw = quantize_128x128(w)
-        xq, sx = quantize_1x128(x)
-        ctx.save_for_backward(x, wq, sw)
-        ctx.emulate, ctx.w_shape, ctx.w_dtype = emulate, w.shape, w.dtype
-        return blockwise_mm_t(xq, sx, wq, sw, True, emulate)[:, :w.shape[0]].to(out_dtype)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        x, wq, sw = ctx.saved_tensors
-        (n, k), emulate = ctx.w_shape, ctx.emulate
-        gq, sg = quantize_1x128(g)
-        grad_x = blockwise_mm_t(gq, sg, wq.t().contiguous(), sw.t(), True, emulate)[:, :k]
-        grad_w = blockwise_wgrad(g, x, emulate)[:n, :k]
-        return grad_x.to(x.dtype), grad_w.to(ctx.w_dtype), None, None
-
-
 def _is_dtensor(t: Any) -> bool:
     return type(t).__name__ == "DTensor"
 
@@ -359,15 +316,10 @@ class Float8Linear(nn.Linear):
             y = y + self.bias.to(y.dtype)
         return y
 
-    @torch.compiler.disable  # eager: see the note under _warned
     def _product(self, x: Tensor, w: Tensor) -> Tensor:
-        shape, out_dtype = x.shape, compute_dtype(x)
+        shape = x.shape
         emulate = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
-        x2 = x.reshape(-1, shape[-1])
-        if self.fp8_recipe == "blockwise":
-            y = _BlockwiseLinear.apply(x2, w, emulate, out_dtype)
-        else:
-            y = _Fp8Linear.apply(x2, w, emulate).to(out_dtype)
+        y = fp8_linear(x.reshape(-1, shape[-1]), w, self.fp8_recipe, emulate, compute_dtype(x))
         return y.view(*shape[:-1], y.shape[-1])
 
 
@@ -416,27 +368,6 @@ def grouped_weight_grad(g: Tensor, x: Tensor, offsets: Tensor, num_groups: int, 
             start = end
         return out
     return _grouped_weight_grad_op(g, x, offsets, num_groups)
-
-
-class _Fp8GroupedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
-        ctx.save_for_backward(x, w, offsets)
-        ctx.emulate = emulate
-        return fp8_grouped_mm_t(x, w, offsets, emulate)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        x, w, offsets = ctx.saved_tensors
-        g = g.contiguous()
-        grad_x = fp8_grouped_mm_t(g, w.transpose(-2, -1).contiguous(), offsets, ctx.emulate).to(x.dtype)
-        grad_w = grouped_weight_grad(g.to(x.dtype), x, offsets, w.shape[0], ctx.emulate).to(w.dtype)
-        return grad_x, grad_w, None, None
-
-
-def fp8_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = False) -> Tensor:
-    """Differentiable grouped x_e @ w[e].T with FP8 forward and input gradient."""
-    return _Fp8GroupedLinear.apply(x, w, offsets, emulate)
 
 
 # ---------------------------------------------------------------------------------- blockwise, experts
@@ -532,29 +463,131 @@ def blockwise_grouped_wgrad(g: Tensor, x: Tensor, offsets: Tensor, emulate: bool
     return out
 
 
-class _BlockwiseGroupedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
+# ---------------------------------------------------------------------------------- differentiable products
+# Each FP8 product is one custom op whose backward is another (`register_autograd`): torch.compile
+# sees two opaque calls and traces nothing inside them, so a compiled model runs the very kernels,
+# layouts and quantization of the eager path. (An autograd.Function form of these products compiled,
+# on CUDA, to a backward that received an all-zero output gradient: exact forward, wrong dx and dw.)
+def _fresh(t: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
+    """The first `cols` columns of t in dtype, as a contiguous tensor."""
+    t = t[..., :cols] if t.shape[-1] != cols else t
+    return t.to(dtype).contiguous()
+
+
+@torch.library.custom_op("lit_deepseek::fp8_linear", mutates_args=())
+def _fp8_linear_op(x: Tensor, w: Tensor, recipe: str, emulate: bool, out_dtype: torch.dtype) -> Tensor:
+    """x [M, K] @ w [N, K].T -> [M, N] in out_dtype, the product in FP8 by `recipe`."""
+    if recipe == "blockwise":
         wq, sw = quantize_128x128(w)
         xq, sx = quantize_1x128(x)
-        ctx.save_for_backward(x, wq, sw, offsets)
-        ctx.emulate, ctx.w_shape, ctx.w_dtype = emulate, w.shape, w.dtype
-        return blockwise_grouped_mm_t(xq, sx, wq, sw, offsets, emulate)[:, :w.shape[1]].to(torch.bfloat16)
+        return _fresh(blockwise_mm_t(xq, sx, wq, sw, True, emulate), w.shape[0], out_dtype)
+    return _fresh(fp8_mm_t(x, w, emulate, out_dtype), w.shape[0], out_dtype)
 
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        x, wq, sw, offsets = ctx.saved_tensors
-        (_e, n, k), emulate = ctx.w_shape, ctx.emulate
+
+@_fp8_linear_op.register_fake
+def _(x: Tensor, w: Tensor, recipe: str, emulate: bool, out_dtype: torch.dtype) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("lit_deepseek::fp8_linear_backward", mutates_args=())
+def _fp8_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, recipe: str, emulate: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dw) of `fp8_linear` for the output gradient g [M, N], both products in FP8."""
+    (n, k), g = w.shape, g.contiguous()
+    if recipe == "blockwise":
+        wq, sw = quantize_128x128(w)  # the forward's blocks again; a 128x128 block stays one transposed
+        gq, sg = quantize_1x128(g)
+        dx = blockwise_mm_t(gq, sg, wq.t().contiguous(), sw.t(), True, emulate)
+        dw = blockwise_wgrad(g, x, emulate)[:n]
+    else:
+        dx = fp8_mm_t(g, w.t().contiguous(), emulate)
+        dw = fp8_mm_t(g.t().contiguous(), x.t().contiguous(), emulate)
+    return _fresh(dx, k, x.dtype), _fresh(dw, k, w.dtype)
+
+
+@_fp8_linear_backward_op.register_fake
+def _(g: Tensor, x: Tensor, w: Tensor, recipe: str, emulate: bool) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+def _save_inputs(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, Tensor)))
+    ctx.args = tuple(a for a in inputs if not isinstance(a, Tensor))
+
+
+def _fp8_linear_backward(ctx: Any, g: Tensor) -> tuple:
+    x, w = ctx.saved_tensors
+    recipe, emulate, _ = ctx.args
+    dx, dw = _fp8_linear_backward_op(g, x, w, recipe, emulate)
+    return dx, dw, None, None, None
+
+
+_fp8_linear_op.register_autograd(_fp8_linear_backward, setup_context=_save_inputs)
+
+
+def fp8_linear(x: Tensor, w: Tensor, recipe: str = "blockwise", emulate: bool = False,
+               out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Differentiable x [M, K] @ w [N, K].T with the three products of forward and backward in FP8
+    (`recipe` blockwise or rowwise; emulate=True: the float32 reference of the same quantization)."""
+    return _fp8_linear_op(x, w, recipe, emulate, out_dtype)
+
+
+@torch.library.custom_op("lit_deepseek::fp8_grouped_linear", mutates_args=())
+def _fp8_grouped_linear_op(x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool) -> Tensor:
+    """Rows of x [M, K] sorted by group, group e times w[e].T (w [E, N, K]) -> bf16 [M, N] in FP8."""
+    if recipe == "blockwise":
+        wq, sw = quantize_128x128(w)
+        xq, sx = quantize_1x128(x)
+        return _fresh(blockwise_grouped_mm_t(xq, sx, wq, sw, offsets, emulate), w.shape[1], torch.bfloat16)
+    return _fresh(fp8_grouped_mm_t(x, w, offsets, emulate), w.shape[1], torch.bfloat16)
+
+
+@_fp8_grouped_linear_op.register_fake
+def _(x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[1], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("lit_deepseek::fp8_grouped_linear_backward", mutates_args=())
+def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Tensor, recipe: str,
+                                    emulate: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dw) of `fp8_grouped_linear`; the row-wise recipe keeps the weight gradient in bf16."""
+    (e, n, k), g = w.shape, g.contiguous()
+    if recipe == "blockwise":
+        wq, sw = quantize_128x128(w)
         gq, sg = quantize_1x128(g)
         wt, swt = wq.transpose(-2, -1).contiguous(), sw.transpose(-2, -1).contiguous()
-        grad_x = blockwise_grouped_mm_t(gq, sg, wt, swt, offsets, emulate)[:, :k]
-        grad_w = blockwise_grouped_wgrad(g, x, offsets, emulate)[:, :n, :k]
-        return grad_x.to(x.dtype), grad_w.to(ctx.w_dtype), None, None
+        dx = blockwise_grouped_mm_t(gq, sg, wt, swt, offsets, emulate)
+        dw = blockwise_grouped_wgrad(g, x, offsets, emulate)[:, :n]
+    else:
+        dx = fp8_grouped_mm_t(g, w.transpose(-2, -1).contiguous(), offsets, emulate)
+        dw = grouped_weight_grad(g.to(x.dtype), x, offsets, e, emulate)
+    return _fresh(dx, k, x.dtype), _fresh(dw, k, w.dtype)
+
+
+@_fp8_grouped_linear_backward_op.register_fake
+def _(g: Tensor, x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+def _fp8_grouped_linear_backward(ctx: Any, g: Tensor) -> tuple:
+    x, w, offsets = ctx.saved_tensors
+    recipe, emulate = ctx.args
+    dx, dw = _fp8_grouped_linear_backward_op(g, x, w, offsets, recipe, emulate)
+    return dx, dw, None, None, None
+
+
+_fp8_grouped_linear_op.register_autograd(_fp8_grouped_linear_backward, setup_context=_save_inputs)
+
+
+def fp8_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = False,
+                       recipe: str = "rowwise") -> Tensor:
+    """Differentiable grouped x_e @ w[e].T (w [E, N, K], offsets the cumulative group ends) -> bf16,
+    in FP8 by `recipe` (rowwise: forward and input gradient; blockwise: all three products)."""
+    return _fp8_grouped_linear_op(x, w, offsets, recipe, emulate)
 
 
 def fp8_blockwise_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = False) -> Tensor:
     """Differentiable grouped x_e @ w[e].T (w [E, N, K]) with all three products in block-scaled FP8."""
-    return _BlockwiseGroupedLinear.apply(x, w, offsets, emulate)
+    return fp8_grouped_linear(x, w, offsets, emulate, recipe="blockwise")
 
 
 class Float8GroupedExperts(GroupedExperts):
@@ -570,10 +603,9 @@ class Float8GroupedExperts(GroupedExperts):
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         e = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
         x = x.to(compute_dtype(x))  # as GroupedExperts: the autocast dtype under mixed precision
-        mm = torch.compiler.disable(fp8_blockwise_grouped_linear if self.fp8_recipe == "blockwise"
-                                    else fp8_grouped_linear)  # eager: see the note under _warned
-        h = F.silu(mm(x, self.w1, offsets, e)) * mm(x, self.w3, offsets, e)
-        return mm(h, self.w2, offsets, e).to(x.dtype)
+        r = self.fp8_recipe
+        h = F.silu(fp8_grouped_linear(x, self.w1, offsets, e, r)) * fp8_grouped_linear(x, self.w3, offsets, e, r)
+        return fp8_grouped_linear(h, self.w2, offsets, e, r).to(x.dtype)
 
 
 def float8_experts_class() -> type:
