@@ -574,24 +574,3 @@ def test_compiled_fp8_layers_equal_eager(recipe: str, experts: bool) -> None:
 def test_compiled_fp8_layers_equal_eager_on_cpu(recipe: str, experts: bool) -> None:
     """The same through AOT autograd on CPU (the float32 emulation inside the same custom ops)."""
     assert max(_compiled_vs_eager(recipe, "cpu", experts, backend="aot_eager")) < 1e-5
-
-
-@pytest.mark.gpu
-@block_fp8_gpu
-def test_fused_quantizers_equal_the_plain_functions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA the quantizers run compiled (fused); they give the plain functions' bits."""
-    from lit_deepseek.kernels import fp8
-
-    torch.manual_seed(0)
-    cases = [(fp8._q_1x128, torch.randn(4096, 1000, device="cuda", dtype=torch.bfloat16) * 5),
-             (fp8._q_1x128, torch.randn(333, 1024, device="cuda") * 1e-3),
-             (fp8._q_1x128_t, torch.randn(4100, 640, device="cuda", dtype=torch.bfloat16)),
-             (fp8._q_128x128, torch.randn(576, 1000, device="cuda") * 0.02),
-             (fp8._q_128x128, torch.randn(4, 256, 640, device="cuda") * 0.02),
-             (fp8._q_rows, torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16))]
-    for fused, t in cases:
-        q, s = fused(t)
-        monkeypatch.setenv("LIT_DEEPSEEK_FP8_EAGER_QUANT", "1")
-        q0, s0 = fused(t)
-        monkeypatch.delenv("LIT_DEEPSEEK_FP8_EAGER_QUANT")
-        assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0), fused.__name__

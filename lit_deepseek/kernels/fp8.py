@@ -121,31 +121,6 @@ def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.reshape(*lead, n // BLOCK, k // BLOCK).reciprocal()
 
 
-def quantize_1x128_t(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [T, N] -> `quantize_1x128` of x.T with N padded to a multiple of 128: ([Np, Tp] e4m3,
-    [Np, Tp/128] scales), the 1x128 tiles along the tokens that weight gradients take."""
-    return quantize_1x128(_pad_to(x, -1).t())
-
-
-_COMPILED: dict[Any, Any] = {}
-
-
-def _fused(fn: Any) -> Any:
-    """`fn` on CUDA tensors as one compiled (inductor) kernel per call instead of about ten eager
-    ones; the plain function elsewhere, and with LIT_DEEPSEEK_FP8_EAGER_QUANT=1 (the reference,
-    equal bit for bit: tests/test_fp8.py compares them on the GPU)."""
-    def call(t: Tensor) -> tuple[Tensor, Tensor]:
-        if not t.is_cuda or os.environ.get("LIT_DEEPSEEK_FP8_EAGER_QUANT") == "1":
-            return fn(t)
-        compiled = _COMPILED.get(fn)
-        if compiled is None:
-            compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True)
-        return compiled(t)
-    call.__name__ = call.__qualname__ = f"fused_{fn.__name__}"
-    call.__doc__ = fn.__doc__
-    return call
-
-
 def dequantize_1x128(q: Tensor, s: Tensor) -> Tensor:
     """Inverse of `quantize_1x128` (float32, padded shape)."""
     return (q.float().unflatten(-1, (-1, BLOCK)) * s.unsqueeze(-1)).flatten(-2)
@@ -154,10 +129,6 @@ def dequantize_1x128(q: Tensor, s: Tensor) -> Tensor:
 def dequantize_128x128(q: Tensor, s: Tensor) -> Tensor:
     """Inverse of `quantize_128x128` (float32, padded shape)."""
     return q.float() * s.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)
-
-
-_q_rows, _q_1x128, _q_1x128_t, _q_128x128 = (_fused(f) for f in (quantize_rows, quantize_1x128, quantize_1x128_t,
-                                                                      quantize_128x128))
 
 
 def _aligned(*dims: int) -> bool:
@@ -177,8 +148,8 @@ def fp8_mm_t(a: Tensor, b: Tensor, emulate: bool = False, out_dtype: torch.dtype
         _warn_once("rowwise-unaligned", f"training.fp8_recipe rowwise: products with dimensions that are not "
                                         f"multiples of 16 (here K={k}, N={n}) run in {out_dtype}")
         return (a.to(out_dtype) @ b.to(out_dtype).t())
-    aq, sa = _q_rows(a)
-    bq, sb = _q_rows(b)
+    aq, sa = quantize_rows(a)
+    bq, sb = quantize_rows(b)
     if emulate:
         return ((aq.float() * sa) @ (bq.float() * sb).t()).to(out_dtype)
     return _scaled_mm_t_op(aq, sa, bq, sb).to(out_dtype)
@@ -289,8 +260,8 @@ def blockwise_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: boo
 
 def blockwise_wgrad(g: Tensor, x: Tensor, emulate: bool) -> Tensor:
     """g [T, N], x [T, K] -> g.T @ x [Np, Kp] with both operands in 1x128 tiles along the tokens T."""
-    gq, sg = _q_1x128_t(g)
-    xq, sx = _q_1x128_t(x)
+    gq, sg = quantize_1x128(_pad_to(g, -1).t())
+    xq, sx = quantize_1x128(_pad_to(x, -1).t())
     return blockwise_mm_t(gq, sg, xq, sx, False, emulate)
 
 
@@ -360,8 +331,8 @@ def _grouped_mm() -> Any:
 def fp8_grouped_mm_t(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = False) -> Tensor:
     """Rows of x [M, K] sorted by group, group e (rows offsets[e-1]:offsets[e]) times w[e].T
     (w [E, N, K]) -> [M, N] bf16; both operands quantized row-wise along K."""
-    xq, sx = _q_rows(x)
-    wq, sw = _q_rows(w)
+    xq, sx = quantize_rows(x)
+    wq, sw = quantize_rows(w)
     if emulate:
         out = x.new_zeros(x.shape[0], w.shape[1], dtype=torch.bfloat16)
         xd, wd = xq.float() * sx, wq.float() * sw
@@ -480,8 +451,8 @@ def blockwise_grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offse
 
 def blockwise_grouped_wgrad(g: Tensor, x: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
     """Per group e: g_e.T @ x_e -> [E, Np, Kp], both operands in 1x128 tiles along the tokens."""
-    gq, sg = _q_1x128_t(g)
-    xq, sx = _q_1x128_t(x)
+    gq, sg = quantize_1x128(_pad_to(g, -1).t())
+    xq, sx = quantize_1x128(_pad_to(x, -1).t())
     if not emulate:
         return _blockwise_grouped_wgrad_op(gq, sg, xq, sx, offsets)
     gd, xd = dequantize_1x128(gq, sg), dequantize_1x128(xq, sx)
@@ -507,8 +478,8 @@ def _fresh(t: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
 def _fp8_linear_op(x: Tensor, w: Tensor, recipe: str, emulate: bool, out_dtype: torch.dtype) -> Tensor:
     """x [M, K] @ w [N, K].T -> [M, N] in out_dtype, the product in FP8 by `recipe`."""
     if recipe == "blockwise":
-        wq, sw = _q_128x128(w)
-        xq, sx = _q_1x128(x)
+        wq, sw = quantize_128x128(w)
+        xq, sx = quantize_1x128(x)
         return _fresh(blockwise_mm_t(xq, sx, wq, sw, True, emulate), w.shape[0], out_dtype)
     return _fresh(fp8_mm_t(x, w, emulate, out_dtype), w.shape[0], out_dtype)
 
@@ -523,8 +494,8 @@ def _fp8_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, recipe: str, emulat
     """(dx, dw) of `fp8_linear` for the output gradient g [M, N], both products in FP8."""
     (n, k), g = w.shape, g.contiguous()
     if recipe == "blockwise":
-        wq, sw = _q_128x128(w)  # the forward's blocks again; a 128x128 block stays one transposed
-        gq, sg = _q_1x128(g)
+        wq, sw = quantize_128x128(w)  # the forward's blocks again; a 128x128 block stays one transposed
+        gq, sg = quantize_1x128(g)
         dx = blockwise_mm_t(gq, sg, wq.t().contiguous(), sw.t(), True, emulate)
         dw = blockwise_wgrad(g, x, emulate)[:n]
     else:
@@ -564,8 +535,8 @@ def fp8_linear(x: Tensor, w: Tensor, recipe: str = "blockwise", emulate: bool = 
 def _fp8_grouped_linear_op(x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool) -> Tensor:
     """Rows of x [M, K] sorted by group, group e times w[e].T (w [E, N, K]) -> bf16 [M, N] in FP8."""
     if recipe == "blockwise":
-        wq, sw = _q_128x128(w)
-        xq, sx = _q_1x128(x)
+        wq, sw = quantize_128x128(w)
+        xq, sx = quantize_1x128(x)
         return _fresh(blockwise_grouped_mm_t(xq, sx, wq, sw, offsets, emulate), w.shape[1], torch.bfloat16)
     return _fresh(fp8_grouped_mm_t(x, w, offsets, emulate), w.shape[1], torch.bfloat16)
 
@@ -581,8 +552,8 @@ def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Te
     """(dx, dw) of `fp8_grouped_linear`; the row-wise recipe keeps the weight gradient in bf16."""
     (e, n, k), g = w.shape, g.contiguous()
     if recipe == "blockwise":
-        wq, sw = _q_128x128(w)
-        gq, sg = _q_1x128(g)
+        wq, sw = quantize_128x128(w)
+        gq, sg = quantize_1x128(g)
         wt, swt = wq.transpose(-2, -1).contiguous(), sw.transpose(-2, -1).contiguous()
         dx = blockwise_grouped_mm_t(gq, sg, wt, swt, offsets, emulate)
         dw = blockwise_grouped_wgrad(g, x, offsets, emulate)[:, :n]
