@@ -1,0 +1,112 @@
+"""FP8 products against bf16, op by op, on one CUDA GPU: a diagnosis of where an FP8 step's time
+goes, not a product figure (the product figures come from `bench_fp8.py --phases speed`).
+
+At the small config's shapes (8 x 4096 = 32768 tokens; the dense projections of one layer, and the
+routed experts' grouped products over 16 experts with 65536 routed rows) it times forward + backward
+of `fp8_linear` / `fp8_grouped_linear` (blockwise and rowwise, the custom ops the product runs)
+against the bf16 products of the default precision, and, separately, the quantizers and the
+forward GEMMs alone. CUDA events, 10 (5 for the experts) calls after 3 warm-up calls.
+
+    python benchmarks/fp8_ops_probe.py
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import lit_deepseek.kernels.fp8 as fp8
+
+TOKENS = 32768
+#: (K, N, count) of the dense products of one MoE layer of the small config: q_a, q_b, kv_a, kv_b,
+#: o, the shared expert's w1 and w3, and its w2
+DENSE = ((1024, 512, 1), (512, 1536, 1), (1024, 288, 1), (256, 2048, 1), (1024, 1024, 1), (1024, 2560, 2),
+         (2560, 1024, 1))
+EXPERTS, ROUTED = 16, 65536
+
+
+def bench(fn: Callable[[], Any], n: int = 10) -> float:
+    """Milliseconds per call of fn (CUDA events, after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def dense() -> None:
+    total = {"bf16": 0.0, "blockwise": 0.0, "rowwise": 0.0}
+    for k, n, count in DENSE:
+        row = dense_product(k, n)
+        for key in total:
+            total[key] += row[key] * count
+    print("dense products of one layer, fwd+bwd ms:", {k: round(v, 2) for k, v in total.items()}, flush=True)
+
+
+def dense_product(k: int, n: int) -> dict[str, float]:
+    x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(n, k, device="cuda") * 0.02).requires_grad_()
+    g = torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16)
+
+    def bf16() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = F.linear(x, w)
+        y.backward(g)
+
+    row = {"bf16": bench(bf16)}
+    for recipe in ("blockwise", "rowwise"):
+        row[recipe] = bench(lambda r=recipe: fp8.fp8_linear(x, w, r, False, torch.bfloat16).backward(g))
+    q_x, q_w, q_rows = (bench(lambda: fp8.quantize_1x128(x)), bench(lambda: fp8.quantize_128x128(w)),
+                        bench(lambda: fp8.quantize_rows(x)))
+    xq, sx = fp8.quantize_1x128(x)
+    wq, sw = fp8.quantize_128x128(w)
+    mm_fp8 = bench(lambda: fp8.blockwise_mm_t(xq, sx, wq, sw, True, False))
+    mm_bf16 = bench(lambda: x @ w.to(torch.bfloat16).t())
+    print(f"dense K={k} N={n}: fwd+bwd bf16 {row['bf16']:.2f} ms, blockwise {row['blockwise']:.2f}, rowwise "
+          f"{row['rowwise']:.2f} | quantize x 1x128 {q_x:.2f}, w 128x128 {q_w:.2f}, x rows {q_rows:.2f} | "
+          f"forward GEMM blockwise FP8 {mm_fp8:.2f} vs bf16 {mm_bf16:.2f}", flush=True)
+    return row
+
+
+def experts() -> None:
+    counts = torch.full((EXPERTS,), ROUTED // EXPERTS, device="cuda")
+    offsets = counts.cumsum(0).to(torch.int32)
+    for k, n in ((1024, 2560), (2560, 1024)):
+        experts_product(k, n, offsets)
+
+
+def experts_product(k: int, n: int, offsets: torch.Tensor) -> None:
+    x = torch.randn(ROUTED, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(EXPERTS, n, k, device="cuda") * 0.02).requires_grad_()
+    g = torch.randn(ROUTED, n, device="cuda", dtype=torch.bfloat16)
+    grouped_mm = fp8._grouped_mm()
+
+    def bf16() -> None:
+        grouped_mm(x, w.to(torch.bfloat16).transpose(-2, -1), offs=offsets).backward(g)
+
+    res = {"bf16": bench(bf16, 5)}
+    for recipe in ("blockwise", "rowwise"):
+        res[recipe] = bench(lambda r=recipe: fp8.fp8_grouped_linear(x, w, offsets, False, r).backward(g), 5)
+    xq, sx = fp8.quantize_1x128(x)
+    wq, sw = fp8.quantize_128x128(w)
+    fwd = bench(lambda: fp8.blockwise_grouped_mm_t(xq, sx, wq, sw, offsets, False), 5)
+    gq, sg = fp8.quantize_1x128(fp8._pad_to(g, -1).t())
+    xq_t, sx_t = fp8.quantize_1x128(x.t())
+    wgrad = bench(lambda: fp8._blockwise_grouped_wgrad_op(gq, sg, xq_t, sx_t, offsets), 5)
+    print(f"experts K={k} N={n}: fwd+bwd " + ", ".join(f"{a} {b:.2f}" for a, b in res.items())
+          + f" ms | Triton blockwise forward {fwd:.2f}, weight gradient {wgrad:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("fp8_ops_probe: needs a CUDA GPU (compute capability >= 9.0)")
+    dense()
+    experts()
