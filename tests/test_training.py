@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -331,3 +332,50 @@ def test_async_checkpoint_is_a_snapshot_and_keeps_tied_tensors_tied(tmp_path: Pa
     assert state["state_dict"]["embed"].tolist() == list(range(6))
     assert state["state_dict"]["embed"].data_ptr() == state["state_dict"]["head"].data_ptr()
     assert (tmp_path / "last.ckpt").stat().st_ino == (tmp_path / "a.ckpt").stat().st_ino
+
+
+def test_checkpoint_buffers_are_reserved_before_the_first_save(tmp_path: Path) -> None:
+    """The host buffers that periodic saves copy the weights and optimizer states into are allocated
+    when training starts (Adam's moments foreseen before its first step), not during the first save;
+    the saves made through them hold the weights of their step."""
+    import lightning as L
+
+    from lit_deepseek.training.callbacks import AtomicCheckpointIO, checkpoint_callbacks
+    from lit_deepseek.training.module import DeepSeekLightningModule
+
+    class KeepAll(AtomicCheckpointIO):  # on CPU, buffers for every tensor (the GPU rule keeps device tensors)
+        keeps = staticmethod(lambda t: True)
+        before_first_save: Optional[set] = None
+        after_first_save: Optional[set] = None
+
+        def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+            first = self.before_first_save is None
+            if first:
+                self.wait()
+                self.before_first_save = set(self._host)
+            super().save_checkpoint(checkpoint, path, storage_options)
+            if first:
+                self.after_first_save = set(self._host)
+
+    cfg = load_config(ROOT / "configs" / "cpu_demo.yaml")
+    cfg.model.num_layers = 2
+    cfg.training.micro_batch_size = cfg.training.global_batch_size = 2
+    cfg.training.seq_length = 16
+    cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last = 2, 2
+    module = DeepSeekLightningModule(cfg.model, cfg.training)
+    batches = torch.utils.data.DataLoader([_step_batch(cfg.model.vocab_size, 1, 2, 16, seed=i) for i in range(4)],
+                                          batch_size=None)
+    io = KeepAll()
+    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=checkpoint_callbacks(cfg.checkpoint, tmp_path), limit_val_batches=0,
+                        accelerator="cpu", devices=1, plugins=[io])
+    trainer.fit(module, train_dataloaders=batches)
+    used = {k for k in io.after_first_save if k.startswith(("/state_dict/", "/optimizer_states/0/state/"))}
+    assert any(k.endswith("/exp_avg_sq") for k in used) and any(k.startswith("/state_dict/") for k in used)
+    assert {k for k in used if not k.endswith("/step")} <= io.before_first_save  # only Adam's step counters later
+    final = torch.load(tmp_path / "step0000004.ckpt", weights_only=True)
+    for name, value in module.state_dict().items():
+        assert torch.equal(final["state_dict"][name], value), name
+    moments = trainer.optimizers[0].state_dict()["state"]
+    for index, st in moments.items():
+        assert torch.equal(final["optimizer_states"][0]["state"][index]["exp_avg_sq"], st["exp_avg_sq"])
