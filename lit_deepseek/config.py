@@ -218,9 +218,9 @@ class TrainingConfig:
     """Tokens per training sequence."""
     use_fp8: bool = False
     """FP8 training of linear layers and experts (Hopper GPU; on CPU its float32 emulation)."""
-    fp8_recipe: Literal["blockwise", "rowwise"] = "rowwise"
-    """FP8 scaling: rowwise = one scale per row (verified on H200); blockwise = DeepSeek-V3's 1x128 activation tiles and
-    128x128 weight blocks (its cuBLAS dense product is refused by torch 2.11 for some shapes: one-line error)."""
+    fp8_recipe: Literal["blockwise", "rowwise"] = "blockwise"
+    """FP8 scaling: blockwise = DeepSeek-V3's 1x128 activation and gradient tiles and 128x128 weight blocks (Hopper);
+    rowwise = one scale per row of each operand (compute capability >= 8.9)."""
     fp8_exclude: list[str] = field(default_factory=lambda: ["embed", "head", "gate"])
     """Modules kept in BF16 under use_fp8 (names or glob patterns; default embedding, output head, MoE router)."""
     precision: Literal["bf16-mixed", "32-true", "bf16-true", "16-mixed"] = "bf16-mixed"
