@@ -574,3 +574,59 @@ def test_compiled_fp8_layers_equal_eager(recipe: str, experts: bool) -> None:
 def test_compiled_fp8_layers_equal_eager_on_cpu(recipe: str, experts: bool) -> None:
     """The same through AOT autograd on CPU (the float32 emulation inside the same custom ops)."""
     assert max(_compiled_vs_eager(recipe, "cpu", experts, backend="aot_eager")) < 1e-5
+
+
+_QUANTIZER_CASES = """
+import torch
+from lit_deepseek.kernels import fp8, fp8_triton
+torch.manual_seed(0)
+dev = "{device}"
+spread = lambda *shape: torch.randn(*shape, device=dev) * 10.0 ** torch.randint(-6, 4, shape[:-1] + (1,), device=dev)
+cases = [("quantize_1x128", spread(70, 200).bfloat16()), ("quantize_1x128", spread(33, 256)),
+         ("quantize_1x128", torch.zeros(5, 130, device=dev)), ("quantize_1x128_t", spread(300, 72).bfloat16()),
+         ("quantize_1x128_t", spread(128, 256)), ("quantize_128x128", spread(200, 300) * 0.02),
+         ("quantize_128x128", spread(3, 72, 200)), ("quantize_rows", spread(70, 96).bfloat16()),
+         ("quantize_rows", spread(4, 48, 320))]
+bad = []
+for name, t in cases:
+    (q0, s0), (q1, s1) = getattr(fp8, name)(t), getattr(fp8_triton, name)(t)
+    same = q0.shape == q1.shape and torch.equal(q0.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(s0, s1)
+    if not same:
+        bad.append(f"{{name}}{{tuple(t.shape)}}")
+print(" ".join(bad) or "ok")
+"""
+
+
+@pytest.mark.skipif(not has_triton, reason="triton is not installed")
+def test_triton_quantizers_give_the_bits_of_the_torch_quantizers_interpreted() -> None:
+    """The one-kernel Triton quantizers (run on CPU tensors under TRITON_INTERPRET=1) give exactly
+    the e4m3 values and scales of the torch quantizers, over magnitudes from 1e-6 to 1e4."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _QUANTIZER_CASES.format(device="cpu")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+
+
+@pytest.mark.gpu
+@block_fp8_gpu
+@pytest.mark.skipif(not has_triton, reason="triton is not installed")
+def test_triton_quantizers_give_the_bits_of_the_torch_quantizers_on_gpu() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _QUANTIZER_CASES.format(device="cuda")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+
+
+@pytest.mark.gpu
+@block_fp8_gpu
+@pytest.mark.skipif(not has_triton, reason="triton is not installed")
+@pytest.mark.parametrize("experts", [False, True])
+def test_triton_quantizers_inside_compiled_fp8_layers(monkeypatch: pytest.MonkeyPatch, experts: bool) -> None:
+    """LIT_DEEPSEEK_FP8_QUANT=triton: compiled FP8 layers equal eager ones, and equal the layers
+    quantized by the torch ops."""
+    with_torch = _compiled_vs_eager("blockwise", "cuda", experts)
+    monkeypatch.setenv("LIT_DEEPSEEK_FP8_QUANT", "triton")
+    assert max(_compiled_vs_eager("blockwise", "cuda", experts)) < 1e-3
+    assert max(with_torch) < 1e-3

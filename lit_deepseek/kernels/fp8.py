@@ -74,8 +74,14 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _pow2_scale(amax: Tensor) -> Tensor:
-    """The power-of-two multiplier that maps amax to at most 448 (the e4m3 maximum)."""
-    return torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax.float().clamp(min=1e-12))))
+    """The largest power of two 2^s with amax * 2^s <= 448 (the e4m3 maximum), computed exactly from
+    the float32 bits of amax (amax = (1 + m) 2^e, 448 = 1.75 * 2^8: s = 8 - e if 1 + m <= 1.75, else
+    7 - e), so that every implementation (these torch ops, the Triton quantizers) agrees bit for bit;
+    amax is clamped to >= 1e-12."""
+    bits = amax.float().clamp(min=1e-12).view(torch.int32)
+    e = ((bits >> 23) & 0xFF) - 127
+    s = torch.where((bits & 0x7FFFFF) <= 0x600000, 8 - e, 7 - e)
+    return ((s + 127) << 23).view(torch.float32)
 
 
 def _to_e4m3(x: Tensor, scale: Tensor) -> Tensor:
@@ -121,6 +127,29 @@ def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.reshape(*lead, n // BLOCK, k // BLOCK).reciprocal()
 
 
+def quantize_1x128_t(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [T, N] -> `quantize_1x128` of x.T with N padded to a multiple of 128: ([Np, Tp] e4m3,
+    [Np, Tp/128] scales), the 1x128 tiles along the tokens that weight gradients take."""
+    return quantize_1x128(_pad_to(x, -1).t())
+
+
+def _quantizer(name: str) -> Any:
+    """The quantizer `name` of this module, or on CUDA tensors with LIT_DEEPSEEK_FP8_QUANT=triton its
+    one-kernel Triton version (`fp8_triton`, the same bits; not yet the default: it has not run on a
+    GPU)."""
+    plain = globals()[name]
+
+    def call(t: Tensor) -> tuple[Tensor, Tensor]:
+        if t.is_cuda and os.environ.get("LIT_DEEPSEEK_FP8_QUANT", "torch") == "triton":
+            from lit_deepseek.kernels import fp8_triton
+
+            return getattr(fp8_triton, name)(t)
+        return plain(t)
+
+    call.__name__ = call.__qualname__ = f"{name}_dispatch"
+    return call
+
+
 def dequantize_1x128(q: Tensor, s: Tensor) -> Tensor:
     """Inverse of `quantize_1x128` (float32, padded shape)."""
     return (q.float().unflatten(-1, (-1, BLOCK)) * s.unsqueeze(-1)).flatten(-2)
@@ -129,6 +158,10 @@ def dequantize_1x128(q: Tensor, s: Tensor) -> Tensor:
 def dequantize_128x128(q: Tensor, s: Tensor) -> Tensor:
     """Inverse of `quantize_128x128` (float32, padded shape)."""
     return q.float() * s.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)
+
+
+_q_rows, _q_1x128, _q_1x128_t, _q_128x128 = (_quantizer(n) for n in ("quantize_rows", "quantize_1x128",
+                                                                         "quantize_1x128_t", "quantize_128x128"))
 
 
 def _aligned(*dims: int) -> bool:
@@ -148,8 +181,8 @@ def fp8_mm_t(a: Tensor, b: Tensor, emulate: bool = False, out_dtype: torch.dtype
         _warn_once("rowwise-unaligned", f"training.fp8_recipe rowwise: products with dimensions that are not "
                                         f"multiples of 16 (here K={k}, N={n}) run in {out_dtype}")
         return (a.to(out_dtype) @ b.to(out_dtype).t())
-    aq, sa = quantize_rows(a)
-    bq, sb = quantize_rows(b)
+    aq, sa = _q_rows(a)
+    bq, sb = _q_rows(b)
     if emulate:
         return ((aq.float() * sa) @ (bq.float() * sb).t()).to(out_dtype)
     return _scaled_mm_t_op(aq, sa, bq, sb).to(out_dtype)
@@ -260,8 +293,8 @@ def blockwise_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: boo
 
 def blockwise_wgrad(g: Tensor, x: Tensor, emulate: bool) -> Tensor:
     """g [T, N], x [T, K] -> g.T @ x [Np, Kp] with both operands in 1x128 tiles along the tokens T."""
-    gq, sg = quantize_1x128(_pad_to(g, -1).t())
-    xq, sx = quantize_1x128(_pad_to(x, -1).t())
+    gq, sg = _q_1x128_t(g)
+    xq, sx = _q_1x128_t(x)
     return blockwise_mm_t(gq, sg, xq, sx, False, emulate)
 
 
@@ -331,8 +364,8 @@ def _grouped_mm() -> Any:
 def fp8_grouped_mm_t(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = False) -> Tensor:
     """Rows of x [M, K] sorted by group, group e (rows offsets[e-1]:offsets[e]) times w[e].T
     (w [E, N, K]) -> [M, N] bf16; both operands quantized row-wise along K."""
-    xq, sx = quantize_rows(x)
-    wq, sw = quantize_rows(w)
+    xq, sx = _q_rows(x)
+    wq, sw = _q_rows(w)
     if emulate:
         out = x.new_zeros(x.shape[0], w.shape[1], dtype=torch.bfloat16)
         xd, wd = xq.float() * sx, wq.float() * sw
@@ -451,8 +484,8 @@ def blockwise_grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offse
 
 def blockwise_grouped_wgrad(g: Tensor, x: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
     """Per group e: g_e.T @ x_e -> [E, Np, Kp], both operands in 1x128 tiles along the tokens."""
-    gq, sg = quantize_1x128(_pad_to(g, -1).t())
-    xq, sx = quantize_1x128(_pad_to(x, -1).t())
+    gq, sg = _q_1x128_t(g)
+    xq, sx = _q_1x128_t(x)
     if not emulate:
         return _blockwise_grouped_wgrad_op(gq, sg, xq, sx, offsets)
     gd, xd = dequantize_1x128(gq, sg), dequantize_1x128(xq, sx)
@@ -478,8 +511,8 @@ def _fresh(t: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
 def _fp8_linear_op(x: Tensor, w: Tensor, recipe: str, emulate: bool, out_dtype: torch.dtype) -> Tensor:
     """x [M, K] @ w [N, K].T -> [M, N] in out_dtype, the product in FP8 by `recipe`."""
     if recipe == "blockwise":
-        wq, sw = quantize_128x128(w)
-        xq, sx = quantize_1x128(x)
+        wq, sw = _q_128x128(w)
+        xq, sx = _q_1x128(x)
         return _fresh(blockwise_mm_t(xq, sx, wq, sw, True, emulate), w.shape[0], out_dtype)
     return _fresh(fp8_mm_t(x, w, emulate, out_dtype), w.shape[0], out_dtype)
 
@@ -494,8 +527,8 @@ def _fp8_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, recipe: str, emulat
     """(dx, dw) of `fp8_linear` for the output gradient g [M, N], both products in FP8."""
     (n, k), g = w.shape, g.contiguous()
     if recipe == "blockwise":
-        wq, sw = quantize_128x128(w)  # the forward's blocks again; a 128x128 block stays one transposed
-        gq, sg = quantize_1x128(g)
+        wq, sw = _q_128x128(w)  # the forward's blocks again; a 128x128 block stays one transposed
+        gq, sg = _q_1x128(g)
         dx = blockwise_mm_t(gq, sg, wq.t().contiguous(), sw.t(), True, emulate)
         dw = blockwise_wgrad(g, x, emulate)[:n]
     else:
@@ -535,8 +568,8 @@ def fp8_linear(x: Tensor, w: Tensor, recipe: str = "blockwise", emulate: bool = 
 def _fp8_grouped_linear_op(x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool) -> Tensor:
     """Rows of x [M, K] sorted by group, group e times w[e].T (w [E, N, K]) -> bf16 [M, N] in FP8."""
     if recipe == "blockwise":
-        wq, sw = quantize_128x128(w)
-        xq, sx = quantize_1x128(x)
+        wq, sw = _q_128x128(w)
+        xq, sx = _q_1x128(x)
         return _fresh(blockwise_grouped_mm_t(xq, sx, wq, sw, offsets, emulate), w.shape[1], torch.bfloat16)
     return _fresh(fp8_grouped_mm_t(x, w, offsets, emulate), w.shape[1], torch.bfloat16)
 
@@ -552,8 +585,8 @@ def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Te
     """(dx, dw) of `fp8_grouped_linear`; the row-wise recipe keeps the weight gradient in bf16."""
     (e, n, k), g = w.shape, g.contiguous()
     if recipe == "blockwise":
-        wq, sw = quantize_128x128(w)
-        gq, sg = quantize_1x128(g)
+        wq, sw = _q_128x128(w)
+        gq, sg = _q_1x128(g)
         wt, swt = wq.transpose(-2, -1).contiguous(), sw.transpose(-2, -1).contiguous()
         dx = blockwise_grouped_mm_t(gq, sg, wt, swt, offsets, emulate)
         dw = blockwise_grouped_wgrad(g, x, offsets, emulate)[:, :n]

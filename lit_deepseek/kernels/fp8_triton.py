@@ -132,3 +132,138 @@ def grouped_wgrad(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tenso
                                 b.stride(0), sx.stride(0), out.stride(0), out.stride(1),
                                 BLOCK_N=BLOCK, BLOCK_K=BLOCK, BLOCK_T=BLOCK, num_warps=8, num_stages=3)
     return out
+
+
+# ---------------------------------------------------------------------------------- quantizers
+# One pass over the operand per quantization, instead of about ten eager torch ops. They give the
+# bits of `lit_deepseek.kernels.fp8`'s torch quantizers (the reference): the same exact power-of-two
+# scale from the float32 bits of the tile maximum (`_pow2_scale`), the same round-to-nearest e4m3.
+@triton.jit
+def _pow2_scales(amax):
+    """(2^s, 2^-s): the largest power of two 2^s with amax * 2^s <= 448, amax clamped to >= 1e-12."""
+    bits = tl.maximum(amax, 1e-12).to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    s = tl.where((bits & 0x7FFFFF) <= 0x600000, 8 - e, 7 - e)
+    return ((s + 127) << 23).to(tl.float32, bitcast=True), ((127 - s) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_e4m3_bits(x):
+    """x (|x| <= 448) -> e4m3 bits as uint8, rounded to nearest even. The rounding happens in float32
+    first ((|x| + c) - c with c = 1.5 * 2^(E + 20) rounds to a multiple of 2^(E - 3), the e4m3 spacing
+    of x's binade E, or 2^-9 below 2^-6), so the conversion that follows is exact."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    c = (((e + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    r = (tl.abs(x) + c) - c
+    return tl.where(bits < 0, -r, r).to(tl.float8e4nv).to(tl.uint8, bitcast=True)  # the sign kept, also of a 0
+
+
+@triton.jit
+def _quantize_tiles_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stride_qr, stride_sr,
+                           BLOCK_R: tl.constexpr):
+    """Rows r < R_out (the grid) of x (R x C data, any strides; zeros past R and C) in 1x128 tiles."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    kt = tl.program_id(1)
+    cols = (kt * 128 + tl.arange(0, 128)).to(tl.int64)
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc,
+                mask=(rows[:, None] < R) & (cols[None, :] < C), other=0.0).to(tl.float32)
+    scale, inv = _pow2_scales(tl.max(tl.abs(x), axis=1))
+    q = _to_e4m3_bits(tl.clamp(x * scale[:, None], -448.0, 448.0))
+    tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :], q)
+    tl.store(s_ptr + rows * stride_sr + kt, inv)
+
+
+@triton.jit
+def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, stride_wk, stride_qe, stride_qn,
+                            stride_se, stride_sn):
+    """One 128x128 block (program: block row, block column, leading index) of w [E, N, K]."""
+    e = tl.program_id(2).to(tl.int64)
+    rows = (tl.program_id(0) * 128 + tl.arange(0, 128)).to(tl.int64)
+    cols = (tl.program_id(1) * 128 + tl.arange(0, 128)).to(tl.int64)
+    w = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0).to(tl.float32)
+    scale, inv = _pow2_scales(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
+    q = _to_e4m3_bits(tl.clamp(w * scale, -448.0, 448.0))
+    tl.store(q_ptr + e * stride_qe + rows[:, None] * stride_qn + cols[None, :], q)
+    tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), inv)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_qr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """Rows of x [R, C] (unit column stride), one scale per row: a pass for the maximum, one to quantize."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :],
+                    mask=(rows[:, None] < R) & (cols[None, :] < C), other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    scale, inv = _pow2_scales(amax)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = _to_e4m3_bits(tl.clamp(x * scale[:, None], -448.0, 448.0))
+        tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + rows, inv, mask=rows < R)
+
+
+_ROWS = 32
+
+
+def _tiles(x: Tensor, rows_out: int) -> tuple[Tensor, Tensor]:
+    """x [R, C] (any strides) -> (e4m3 [rows_out, Cp], float32 [rows_out, Cp/128]); rows >= R are zero."""
+    r, c = x.shape
+    kt = -(-c // BLOCK)
+    rows_alloc = -(-rows_out // _ROWS) * _ROWS  # whole programs; the extra rows are dropped below
+    q = torch.empty(rows_alloc, kt * BLOCK, device=x.device, dtype=torch.uint8)
+    s = torch.empty(rows_alloc, kt, device=x.device, dtype=torch.float32)
+    if rows_alloc and kt:
+        _quantize_tiles_kernel[(rows_alloc // _ROWS, kt)](x, q, s, r, c, x.stride(0), x.stride(1), q.stride(0),
+                                                         s.stride(0), BLOCK_R=_ROWS, num_warps=4)
+    return q[:rows_out].view(torch.float8_e4m3fn), s[:rows_out]
+
+
+def quantize_1x128(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`lit_deepseek.kernels.fp8.quantize_1x128` in one kernel: x [..., K] -> (e4m3 [..., Kp], [..., Kp/128])."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    q, s = _tiles(x2, x2.shape[0])
+    return q.reshape(*lead, q.shape[-1]), s.reshape(*lead, s.shape[-1])
+
+
+def quantize_1x128_t(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`lit_deepseek.kernels.fp8.quantize_1x128_t` in one kernel: x [T, N] -> the 1x128 tiles of x.T
+    with N padded to a multiple of 128: (e4m3 [Np, Tp], [Np, Tp/128]); read in place, no transposed copy."""
+    return _tiles(x.t(), -(-x.shape[1] // BLOCK) * BLOCK)
+
+
+def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
+    """`lit_deepseek.kernels.fp8.quantize_128x128` in one kernel: w [..., N, K] (2 or 3 dims) ->
+    (e4m3 [..., Np, Kp], [..., Np/128, Kp/128])."""
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    e, n, k = w3.shape
+    nt, kt = -(-n // BLOCK), -(-k // BLOCK)
+    q = torch.empty(e, nt * BLOCK, kt * BLOCK, device=w.device, dtype=torch.uint8)
+    s = torch.empty(e, nt, kt, device=w.device, dtype=torch.float32)
+    if e and nt and kt:
+        _quantize_blocks_kernel[(nt, kt, e)](w3, q, s, n, k, w3.stride(0), w3.stride(1), w3.stride(2), q.stride(0),
+                                             q.stride(1), s.stride(0), s.stride(1), num_warps=8)
+    q = q.view(torch.float8_e4m3fn)
+    return (q, s) if w.dim() == 3 else (q[0], s[0])
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`lit_deepseek.kernels.fp8.quantize_rows` in one kernel: x [..., K] -> (e4m3 [..., K], [..., 1])."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    r, c = x2.shape
+    q = torch.empty(r, c, device=x.device, dtype=torch.uint8)
+    s = torch.empty(r, device=x.device, dtype=torch.float32)
+    if r and c:
+        _quantize_rows_kernel[(-(-r // _ROWS),)](x2, q, s, r, c, x2.stride(0), q.stride(0), BLOCK_R=_ROWS,
+                                                BLOCK_C=128, num_warps=4)
+    return q.view(torch.float8_e4m3fn).reshape(x.shape), s.reshape(*x.shape[:-1], 1)
