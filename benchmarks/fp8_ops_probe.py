@@ -8,6 +8,7 @@ against the bf16 products of the default precision, and, separately, the quantiz
 forward GEMMs alone. CUDA events, 10 (5 for the experts) calls after 3 warm-up calls.
 
     python benchmarks/fp8_ops_probe.py
+    LIT_DEEPSEEK_FP8_QUANT=triton python benchmarks/fp8_ops_probe.py   # the products with the Triton quantizers
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ def dense_product(k: int, n: int) -> dict[str, float]:
         row[recipe] = bench(lambda r=recipe: fp8.fp8_linear(x, w, r, False, torch.bfloat16).backward(g))
     q_x, q_w, q_rows = (bench(lambda: fp8.quantize_1x128(x)), bench(lambda: fp8.quantize_128x128(w)),
                         bench(lambda: fp8.quantize_rows(x)))
+    from lit_deepseek.kernels import fp8_triton
+
+    q_x_triton = bench(lambda: fp8_triton.quantize_1x128(x))
     xq, sx = fp8.quantize_1x128(x)
     wq, sw = fp8.quantize_128x128(w)
     mm_fp8 = bench(lambda: fp8.blockwise_mm_t(xq, sx, wq, sw, True, False))
     mm_bf16 = bench(lambda: x @ w.to(torch.bfloat16).t())
     print(f"dense K={k} N={n}: fwd+bwd bf16 {row['bf16']:.2f} ms, blockwise {row['blockwise']:.2f}, rowwise "
-          f"{row['rowwise']:.2f} | quantize x 1x128 {q_x:.2f}, w 128x128 {q_w:.2f}, x rows {q_rows:.2f} | "
+          f"{row['rowwise']:.2f} | quantize x 1x128 {q_x:.2f} (Triton {q_x_triton:.2f}), w 128x128 {q_w:.2f}, x rows {q_rows:.2f} | "
           f"forward GEMM blockwise FP8 {mm_fp8:.2f} vs bf16 {mm_bf16:.2f}", flush=True)
     return row
 
