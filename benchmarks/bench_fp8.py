@@ -9,10 +9,12 @@
     directory; `builtin` (the CPU smoke's default) is the product's demo corpus (~465 KB, which
     1000 steps go over >100 times). The table header gives the corpus, its tokens and the epochs
     that the steps asked make of it. The learning rate is constant after warm-up, so runs that
-    their time limit (`--trainer.max_time`, an equal share of --conv-budget-s each) stops at
+    their time limit (an equal share of --conv-budget-s each, or each run's limit with
+    --concurrent; then SIGTERM, the product's graceful stop, which saves a checkpoint) stops at
     different steps are compared over their common steps: final loss = mean of the last 100 common
-    steps. Writes a gap table and a PNG of the curves (under --out and benchmarks/), and logs both
-    to each run's MLflow store.
+    steps. `--resume` continues the runs of the newest work folder from their `last` checkpoints
+    in the same MLflow runs, so 1000 steps may take several calls. Writes a gap table and a PNG of
+    the curves (under --out and benchmarks/), and logs both to each run's MLflow store.
 (b) speed: tokens/s and MFU of bf16 vs FP8 blockwise vs FP8 row-wise (bf16-mixed, compile) on the
     small config (8 x 4096 tokens per step) and on the d_model 2048 config of `v3_d2048.yaml`
     (4 x 4096), measured by `bench_fit.py`'s product rows (tokens of the timed steps over the
@@ -22,6 +24,7 @@ Every run is a `lit-deepseek fit` subprocess (`bench_fit.fit_command`) with a ha
 run starts after --budget-s.
 
     python benchmarks/bench_fp8.py --phases convergence --steps 1000 --concurrent --out $OUT/fp8
+    python benchmarks/bench_fp8.py --phases convergence --steps 1000 --concurrent --resume --out $OUT/fp8  # continue
     python benchmarks/bench_fp8.py --phases speed --speed-configs small --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases speed --speed-configs large --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases convergence --steps 4 --device cpu --concurrent --out /tmp/bench_fp8  # smoke
@@ -35,6 +38,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -97,24 +101,35 @@ def local_corpus(work: Path, limit_mb: float) -> tuple[list[str], dict[str, Any]
 
 def conv_run(name: str, fp8: bool, recipe: str, seed: int, args: argparse.Namespace, work: Path,
              limit_s: float, data: list[str]) -> dict[str, Any]:
-    """One convergence run: stops training after limit_s, is killed 120 s later; its train/loss."""
+    """One convergence run for at most limit_s: then SIGTERM, the product's own stop (the step
+    finishes, a checkpoint is saved), and a kill 120 s later. With --resume it continues from the
+    run's `last` checkpoint, in the same MLflow run. Returns its train/loss from the first step."""
     cpu = args.device == "cpu"
     row = bench_fit.Row("demo" if cpu else "fp8conv", seq=64 if cpu else 1024, micro=2 if cpu else 32,
                         global_batch=4 if cpu else 64, precision="32-true" if cpu else "bf16-mixed",
-                        compile=not cpu, fp8=fp8, fp8_recipe=recipe)
+                        compile=not cpu, fp8=fp8, fp8_recipe=recipe, checkpoint_every=2 if cpu else 100)
     run_dir = work / name
+    resume = args.resume and any(run_dir.rglob("last.ckpt"))
     cmd = bench_fit.fit_command(row, run_dir, args.steps, 1) + (SMOKE if cpu else []) + [
         "--training.seed", str(seed), "--training.lr_warmup_steps", str(2 if cpu else 100),
-        "--training.lr_schedule", "constant", "--trainer.max_time",
-        time.strftime("00:%H:%M:%S", time.gmtime(max(1, int(limit_s))))] + data
-    print(f"[{name}] starting (training time limit {limit_s:.0f}s)", flush=True)
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=limit_s + 120)
-        (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
-        error = None if proc.returncode == 0 else " | ".join(proc.stderr.strip().splitlines()[-3:])
-    except subprocess.TimeoutExpired:
-        error = f"killed after {limit_s + 120:.0f}s"
+        "--training.lr_schedule", "constant"] + data + (["--ckpt_path", "last"] if resume else [])
+    print(f"[{name}] {'resuming' if resume else 'starting'} (time limit {limit_s:.0f}s)", flush=True)
+    t0, error = time.time(), None
+    with open(work / f"{name}.log", "a") as log:
+        proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                error = f"killed {limit_s + 120:.0f}s after its start"
+    if error is None and proc.returncode not in (0, 143):  # 143: stopped by SIGTERM with its checkpoint
+        tail = (work / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
+        error = f"exit {proc.returncode}: " + " | ".join(tail)
     out: dict[str, Any] = {"name": name, "wall_s": time.time() - t0, "run_dir": str(run_dir), "loss": []}
     try:
         out["loss"] = [m.value for m in bench_fit.metric_history(run_dir, ["train/loss"])["train/loss"]]
@@ -122,8 +137,8 @@ def conv_run(name: str, fp8: bool, recipe: str, seed: int, args: argparse.Namesp
         error = error or f"{type(exc).__name__}: {exc}"
     if error:
         out["error"] = error
-    print(f"[{name}] {len(out['loss'])} steps in {out['wall_s']:.0f}s" + (f"; error: {error}" if error else ""),
-          flush=True)
+    print(f"[{name}] {len(out['loss'])} steps so far, {out['wall_s']:.0f}s this call"
+          + (f"; error: {error}" if error else ""), flush=True)
     return out
 
 
@@ -131,7 +146,12 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
     runs = [("bf16-seedA", False, "blockwise", args.seed_a), ("bf16-seedB", False, "blockwise", args.seed_b),
             ("fp8-blockwise", True, "blockwise", args.seed_a), ("fp8-rowwise", True, "rowwise", args.seed_a)]
     results: dict[str, dict[str, Any]] = {}
-    data, manifest = local_corpus(work, args.corpus_mb) if args.corpus == "local" else ([], None)
+    shards = work / "corpus-local"
+    if args.corpus == "local" and args.resume and (shards / "manifest.json").exists():
+        data = ["--data.train_shards", str(shards / "train-*.tar"), "--data.val_shards", str(shards / "val-*.tar")]
+        manifest = json.loads((shards / "manifest.json").read_text())
+    else:
+        data, manifest = local_corpus(work, args.corpus_mb) if args.corpus == "local" else ([], None)
     if args.concurrent:  # all four at once on the one device (small models leave it mostly idle)
         limit = min(args.conv_budget_s, deadline - time.time() - 60)
         with ThreadPoolExecutor(len(runs)) as pool:
@@ -295,9 +315,15 @@ def main() -> None:
                     help="convergence data: this Python installation's text files (default on gpu) or the "
                          "built-in demo corpus (default on cpu)")
     ap.add_argument("--corpus-mb", type=float, default=120, help="size of the local corpus in MB of text")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the convergence runs of the newest folder under --work from their last "
+                         "checkpoints (a convergence that needs more than one call)")
     args = ap.parse_args()
     args.corpus = args.corpus or ("builtin" if args.device == "cpu" else "local")
     out, work = Path(args.out).resolve(), Path(args.work).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    earlier = sorted(p for p in Path(args.work).resolve().glob("*") if p.is_dir())
+    if args.resume and earlier:
+        work = earlier[-1]
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.budget_s
