@@ -116,6 +116,13 @@ def test_busy_run_dir_sigterm_then_resume_past_damaged_files(tmp_path: Path) -> 
     assert stopped_at >= 4 and (ckpts / "last.ckpt").stat().st_ino == saved.stat().st_ino  # last is a link
     steps = sorted(p.name for p in ckpts.glob("step*.ckpt"))
     assert len(steps) <= 2, steps  # keep_last
+    # every step the checkpoint holds has its metrics in MLflow, the one that was running at SIGTERM too
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert logged == list(range(stopped_at)), (logged[-5:], stopped_at)
 
     # damage what a crash or a full disk leaves: a cut last.ckpt, an orphaned temporary file, a broken mlflow.db
     (ckpts / "last.ckpt").unlink()

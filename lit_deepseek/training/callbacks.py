@@ -254,6 +254,16 @@ class LinkedCheckpoint(ModelCheckpoint):
         return self._last_checkpoint_saved
 
 
+def flush_mlflow(trainer: L.Trainer) -> None:
+    """Wait until the MLflow loggers' asynchronously logged metrics are written."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if any(isinstance(lg, MLFlowLogger) for lg in trainer.loggers):
+        import mlflow
+
+        mlflow.flush_async_logging()
+
+
 class StopOnSigterm(L.Callback):
     """SIGTERM (what a scheduler sends before it kills a job): finish the current step, save a checkpoint,
     and leave with exit status 143 (the CLI prints where the checkpoint is)."""
@@ -261,6 +271,11 @@ class StopOnSigterm(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if getattr(trainer, "received_sigterm", False) and trainer.world_size == 1:
+            # this step is done (the checkpoint will hold it): write its metrics first, as the training
+            # loop would right after these hooks, and drain MLflow's asynchronous queue
+            trainer._logger_connector.on_batch_end()
+            trainer._logger_connector.update_train_step_metrics()
+            flush_mlflow(trainer)
             raise SIGTERMException()  # more than one process: Lightning agrees on it at the next step
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
