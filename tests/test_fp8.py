@@ -597,26 +597,28 @@ print(" ".join(bad) or "ok")
 """
 
 
+def _triton_quantizer_mismatches(device: str) -> str:
+    """Runs `_QUANTIZER_CASES` in a fresh process (TRITON_INTERPRET is read when triton compiles):
+    "ok", or the cases where the Triton and torch quantizers differ."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **({"TRITON_INTERPRET": "1"} if device == "cpu" else {}))
+    proc = subprocess.run([sys.executable, "-c", _QUANTIZER_CASES.format(device=device)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
 @pytest.mark.skipif(not has_triton, reason="triton is not installed")
 def test_triton_quantizers_give_the_bits_of_the_torch_quantizers_interpreted() -> None:
     """The one-kernel Triton quantizers (run on CPU tensors under TRITON_INTERPRET=1) give exactly
     the e4m3 values and scales of the torch quantizers, over magnitudes from 1e-6 to 1e4."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", _QUANTIZER_CASES.format(device="cpu")], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "ok"
+    assert _triton_quantizer_mismatches("cpu") == "ok"
 
 
 @pytest.mark.gpu
 @block_fp8_gpu
 @pytest.mark.skipif(not has_triton, reason="triton is not installed")
 def test_triton_quantizers_give_the_bits_of_the_torch_quantizers_on_gpu() -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", _QUANTIZER_CASES.format(device="cuda")], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "ok"
+    assert _triton_quantizer_mismatches("cuda") == "ok"
 
 
 @pytest.mark.gpu
@@ -624,8 +626,8 @@ def test_triton_quantizers_give_the_bits_of_the_torch_quantizers_on_gpu() -> Non
 @pytest.mark.skipif(not has_triton, reason="triton is not installed")
 @pytest.mark.parametrize("experts", [False, True])
 def test_triton_quantizers_inside_compiled_fp8_layers(monkeypatch: pytest.MonkeyPatch, experts: bool) -> None:
-    """LIT_DEEPSEEK_FP8_QUANT=triton: compiled FP8 layers equal eager ones, and equal the layers
-    quantized by the torch ops."""
+    """Compiled FP8 layers equal eager ones with the Triton quantizers (LIT_DEEPSEEK_FP8_QUANT=triton),
+    as they do with the torch ones."""
     with_torch = _compiled_vs_eager("blockwise", "cuda", experts)
     monkeypatch.setenv("LIT_DEEPSEEK_FP8_QUANT", "triton")
     assert max(_compiled_vs_eager("blockwise", "cuda", experts)) < 1e-3

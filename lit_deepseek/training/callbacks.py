@@ -78,11 +78,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def _allocate(self, shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> None:
         for key, (shape, dtype) in shapes.items():
-            buf = self._host.get(key)
-            if buf is None or buf.shape != shape or buf.dtype != dtype:
-                buf = torch.empty(shape, dtype=dtype)
-                buf.reshape(-1).view(torch.uint8)[::4096].zero_()  # one write per page pages it in now
-                self._host[key] = buf
+            self._buffer(key, shape, dtype)
+
+    def _buffer(self, key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """The host buffer kept under `key`, (re)allocated and paged in when it does not fit."""
+        buf = self._host.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._host[key] = torch.empty(shape, dtype=dtype)
+            buf.reshape(-1).view(torch.uint8)[::4096].zero_()  # one write per page pages it in now
+        return buf
 
     @staticmethod
     def keeps(t: torch.Tensor) -> bool:
@@ -133,9 +137,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 copy_ = t.clone()
             else:  # host buffers kept for the next save (plain memory: pinning ~19 GB took ~24 s on an
                 # H200 host); `reserve` may have allocated them ahead of the first save
-                copy_ = self._host.get(key)
-                if copy_ is None or copy_.shape != t.shape or copy_.dtype != t.dtype:
-                    copy_ = self._host[key] = torch.empty(t.shape, dtype=t.dtype)
+                copy_ = self._buffer(key, t.shape, t.dtype)
                 copy_.copy_(t)
             self._seen[same] = copy_
             return copy_
