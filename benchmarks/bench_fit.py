@@ -31,6 +31,7 @@ import datetime
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -133,6 +134,9 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout_s)
     wall_s = time.time() - t_launch
     (work / f"{row.name}.log").write_text(proc.stdout + proc.stderr)
+    # the metrics live in the run's MLflow store; its checkpoints (~19 GB a save on the small config)
+    # would fill the machine's disk over a few rows
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"name": row.name, "error": " | ".join(tail)}

@@ -199,6 +199,13 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
                 verdict = "met" if gap <= 0.005 and gap <= noise + 0.0025 else "not met"
                 lines.append(f"{name}: |gap| {100 * gap:.3f}% (targets: <= 0.5%, <= noise + 0.25% = "
                              f"{100 * (noise + 0.0025):.3f}%): {verdict}.")
+    done = {name: r for name, r in results.items() if len(r["loss"]) >= args.steps}
+    if common < args.steps and "bf16-seedA" in done:  # the runs that reached the asked steps, there
+        at = {name: final_loss(r["loss"][:args.steps], min(100, args.steps)) for name, r in done.items()}
+        lines += ["", f"At step {args.steps} (runs that reached it; mean of its last {min(100, args.steps)} steps):", "",
+                  "| run | final loss | vs BF16 seed A |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {f:.4f} | {100 * (f - at['bf16-seedA']) / at['bf16-seedA']:+.3f}% |"
+                  for name, f in at.items()]
     (out / "fp8_convergence.json").write_text(json.dumps(results))
     png = plot(results, out / "fp8_convergence.png")
     if png:

@@ -133,14 +133,37 @@ def quantize_1x128_t(x: Tensor) -> tuple[Tensor, Tensor]:
     return quantize_1x128(_pad_to(x, -1).t())
 
 
+QUANT_MODES = ("auto", "triton", "torch")
+
+
+def _quant_backend() -> str:
+    """The quantizer backend for CUDA tensors: LIT_DEEPSEEK_FP8_QUANT = auto (the default: the
+    one-kernel Triton quantizers when triton imports, else the torch ones with a warning), triton
+    (required) or torch (the plain reference quantizers)."""
+    mode = os.environ.get("LIT_DEEPSEEK_FP8_QUANT", "auto")
+    if mode not in QUANT_MODES:
+        raise ValueError(f"LIT_DEEPSEEK_FP8_QUANT={mode!r}: must be one of {', '.join(QUANT_MODES)}")
+    if mode == "torch":
+        return mode
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if mode == "triton":
+            raise RuntimeError("LIT_DEEPSEEK_FP8_QUANT=triton: triton is not installed") from None
+        _warn_once("quant", "FP8: triton is not installed, so the FP8 quantizers run as several torch "
+                   "kernels each (slower); install triton for the one-kernel quantizers")
+        return "torch"
+    return "triton"
+
+
 def _quantizer(name: str) -> Any:
-    """The quantizer `name` of this module, or on CUDA tensors with LIT_DEEPSEEK_FP8_QUANT=triton its
-    one-kernel Triton version (`fp8_triton`, the same bits; not yet the default: it has not run on a
-    GPU)."""
+    """The quantizer `name` of this module, or on CUDA tensors its one-kernel Triton version
+    (`fp8_triton`: the same bits, checked on random inputs by tests/test_fp8.py) unless
+    LIT_DEEPSEEK_FP8_QUANT=torch."""
     plain = globals()[name]
 
     def call(t: Tensor) -> tuple[Tensor, Tensor]:
-        if t.is_cuda and os.environ.get("LIT_DEEPSEEK_FP8_QUANT", "torch") == "triton":
+        if t.is_cuda and _quant_backend() == "triton":
             from lit_deepseek.kernels import fp8_triton
 
             return getattr(fp8_triton, name)(t)
