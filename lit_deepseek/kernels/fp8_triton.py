@@ -70,8 +70,10 @@ def _grouped_wgrad_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, offs_ptr,
     for t in range(start // BLOCK_T, (end + BLOCK_T - 1) // BLOCK_T):
         toks = t * BLOCK_T + ts
         mine = (toks >= start) & (toks < end)
-        a = tl.load(a_ptr + ns[:, None] * stride_a + toks[None, :], mask=mine[None, :], other=0)
-        b = tl.load(b_ptr + ks[:, None] * stride_b + toks[None, :], mask=mine[None, :], other=0)
+        # whole-tile loads (the token dimension is padded to 128, so they stay in bounds) that can be
+        # vectorised; the other group's tokens of a shared tile are zeroed in registers
+        a = tl.where(mine[None, :], tl.load(a_ptr + ns[:, None] * stride_a + toks[None, :]), 0)
+        b = tl.where(mine[None, :], tl.load(b_ptr + ks[:, None] * stride_b + toks[None, :]), 0)
         sa = tl.load(sa_ptr + ns * stride_sa + t)
         sb = tl.load(sb_ptr + ks * stride_sb + t)
         prod = tl.dot(a.to(tl.float8e4nv, bitcast=True), tl.trans(b.to(tl.float8e4nv, bitcast=True)))
@@ -121,8 +123,10 @@ def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor
 def grouped_wgrad(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor:
     """gq [Np, Mp] e4m3 and xq [Kp, Mp] e4m3, both with 1x128 scales along the tokens ([Np, Mp/128],
     [Kp, Mp/128]); tokens of group e are offsets[e-1]:offsets[e] -> float32 [E, Np, Kp]."""
-    np_, _ = gq.shape
+    np_, mp = gq.shape
     kp = xq.shape[0]
+    if mp % BLOCK or xq.shape[1] != mp:
+        raise ValueError(f"grouped_wgrad: token dimensions {mp} and {xq.shape[1]} must be equal multiples of {BLOCK}")
     e = offsets.numel()
     out = torch.empty(e, np_, kp, device=gq.device, dtype=torch.float32)
     a, b = gq.contiguous().view(torch.uint8), xq.contiguous().view(torch.uint8)
