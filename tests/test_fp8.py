@@ -93,12 +93,15 @@ def test_emulated_fp8_linear_within_bounds_of_float64(recipe: str, k: int, n: in
         assert rel(a, b) < FP8_BOUND
 
 
-def test_emulated_fp8_grouped_within_bounds_of_float64() -> None:
-    counts = torch.tensor([13, 0, 40, 27])
+@pytest.mark.parametrize("recipe,k,n,middle", [("rowwise", 32, 48, 40), ("blockwise", 200, 72, 140)])
+def test_emulated_fp8_grouped_within_bounds_of_float64(recipe: str, k: int, n: int, middle: int) -> None:
+    """FP8 routed-expert products (float32 emulation) and their gradients stay within the FP8 bound
+    of a float64 per-expert loop; blockwise shapes are not multiples of 128 (padded tiles)."""
+    counts = torch.tensor([13, 0, middle, 27])
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    x = torch.randn(int(counts.sum()), 32, requires_grad=True)
-    w = (torch.randn(4, 48, 32) * 0.1).requires_grad_()
-    y = fp8_grouped_linear(x, w, offsets, emulate=True)
+    x = torch.randn(int(counts.sum()), k, requires_grad=True)
+    w = (torch.randn(4, n, k) * 0.1).requires_grad_()
+    y = fp8_grouped_linear(x, w, offsets, emulate=True, recipe=recipe)
     g = torch.randn_like(y, dtype=torch.float32)
     y.float().backward(g)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -182,22 +185,6 @@ def test_cublas_scale_layouts_follow_torch_rules() -> None:
             out = torch._scaled_mm(aq.to("meta"), bq.to("meta").t(), scale_a=meta[0], scale_b=meta[1],
                                    out_dtype=torch.bfloat16)
             assert out.shape == (m, bq.shape[0])
-
-
-def test_emulated_blockwise_grouped_within_bounds_of_float64() -> None:
-    counts = torch.tensor([13, 0, 140, 27])
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    x = torch.randn(int(counts.sum()), 200, requires_grad=True)
-    w = (torch.randn(4, 72, 200) * 0.1).requires_grad_()
-    y = fp8_blockwise_grouped_linear(x, w, offsets, emulate=True)
-    g = torch.randn_like(y, dtype=torch.float32)
-    y.float().backward(g)
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    bounds = [0, *offsets.tolist()]
-    ref = torch.cat([x64[a:b] @ w64[e].t() for e, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False))])
-    ref.backward(g.double())
-    assert rel(y, ref) < FP8_BOUND and rel(x.grad, x64.grad) < FP8_BOUND and rel(w.grad, w64.grad) < FP8_BOUND
-    assert w.grad[1].abs().sum() == 0
 
 
 def test_blockwise_gradient_accumulation_equals_one_batch() -> None:

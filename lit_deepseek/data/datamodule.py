@@ -444,13 +444,11 @@ class DeepSeekDataModule(pl.LightningDataModule):
         """ConfigError if the built-in corpus is needed and data.cache_dir cannot hold it."""
         if self.data.train_shards is not None:
             return
+        from lit_deepseek.training.run_guard import write_error
+
         cache = Path(self.data.cache_dir).expanduser()
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            probe = cache / f".write-probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
+        exc = write_error(cache)
+        if exc is not None:
             from lit_deepseek.data.corpus import ensure_default_corpus
 
             try:  # a read-only cache that already holds the corpus is fine

@@ -86,6 +86,19 @@ def step_checkpoints(dirpath: Union[str, os.PathLike]) -> list[Path]:
     return sorted(found, key=lambda p: step_of(p) or 0, reverse=True)
 
 
+def write_error(folder: Path) -> Optional[OSError]:
+    """None if `folder` can be created and written to (a probe file is written and removed), else
+    the OSError that stopped it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return exc
+    return None
+
+
 def tidy_checkpoint_dir(dirpath: Union[str, os.PathLike], keep_last: int,
                         protect: Optional[Path] = None) -> tuple[int, int]:
     """Remove temporary files of interrupted saves and step checkpoints beyond keep_last (-1 keeps all).
@@ -93,13 +106,9 @@ def tidy_checkpoint_dir(dirpath: Union[str, os.PathLike], keep_last: int,
     Returns (temporary files removed, checkpoints removed). ConfigError when the folder is not writable.
     """
     d = Path(dirpath)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"checkpoint.dir: cannot write to {d}: {exc.strerror or exc}") from None
+    exc = write_error(d)
+    if exc is not None:
+        raise ConfigError(f"checkpoint.dir: cannot write to {d}: {exc.strerror or exc}")
     temps = 0
     for p in list(d.iterdir()):
         if _TMP_RE.match(p.name):
