@@ -84,6 +84,7 @@ def default_rows() -> list[Row]:
                 rows.append(Row(config, seq, micro=micro, global_batch=8 * 4096 // seq, compile=compile_))
             rows.append(Row(config, seq, micro=micro, global_batch=8 * 4096 // seq, fp8=True))
         rows.append(Row(config, 4096, micro=2, global_batch=8))  # the config's own micro-batch 2
+    rows.append(Row("small", 4096, micro=8, global_batch=8, compile=False, fp8=True))  # FP8 eager
     rows.append(Row("small", 4096, micro=8, global_batch=8, checkpoint_every=8))  # stall of a periodic save
     return rows
 
