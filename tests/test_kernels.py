@@ -195,3 +195,28 @@ def test_fast_training_step_matches_reference_path_on_gpu() -> None:
     (l_fast, g_fast), (l_ref, g_ref) = results
     assert abs(l_fast - l_ref) < 1e-2 * l_ref
     assert rel(g_fast, g_ref) < 5e-2
+
+
+def test_compiled_blocks_share_two_graphs_under_mixed_precision() -> None:
+    """Under bf16 autocast with float32 weights (the default precision) the compiled model holds
+    one graph per block kind (dense, MoE): the MTP block's residual stream is float32 like the
+    main blocks', so it reuses their graph instead of compiling a bf16 one (startup time)."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_model_config(**{"moe.num_expert_groups": 1, "moe.num_limited_groups": 1, "mtp_depth": 1})
+    assert cfg.first_dense_layers >= 1 and cfg.num_layers > cfg.first_dense_layers
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg)
+    for moe in model.moe_layers():
+        moe.use_grouped_mm = True
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(model, backend="aot_eager")
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, mtp = model(ids, return_hidden=True)
+            loss = model_loss(model.head.weight, h, mtp, ids, 0.3).total
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["stats"])
+    torch._dynamo.reset()

@@ -35,5 +35,8 @@ class MTPModule(nn.Module):
         """h [B, S, D] previous depth, next_embeds [B, S, D] embeddings of the tokens k ahead ->
         the normed representation [B, S, D] (also the next depth's input). `cache`: the block's
         decoding cache (a layer of a `PagedLatentCache`) when drafting tokens during generation."""
-        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(h)), dim=-1))
+        # the block's residual stream in the main blocks' dtype (the embeddings'): under mixed
+        # precision float32 (eh_proj's autocast output is bf16), so the MTP block is numerically
+        # the main blocks' kind and reuses their compiled graph instead of compiling its own
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(h)), dim=-1)).to(next_embeds.dtype)
         return self.norm(self.block(x, cos, sin, mask, cache=cache))
