@@ -316,6 +316,12 @@ gq, sg = fp8.quantize_1x128(fp8._pad_to(g, -1).t()); xq2, sx2 = fp8.quantize_1x1
 o2, r2 = grouped_wgrad(gq, sg, xq2, sx2, off), fp8.blockwise_grouped_wgrad(g, x[:m], off, True)
 e2 = ((o2 - r2).norm() / r2.norm()).item()
 assert o2[1].abs().sum() == 0
+# the Triton quantizers give the same bits with column-major scales: the kernels take any scale strides
+from lit_deepseek.kernels import fp8_triton
+tq, ts = fp8_triton.quantize_1x128(x)
+assert ts.stride(0) == 1 and torch.equal(grouped_mm_t(tq, ts, wq, sw, off), out)
+(tg, tsg), (tx, tsx) = fp8_triton.quantize_1x128_t(g), fp8_triton.quantize_1x128_t(x[:m])
+assert torch.equal(grouped_wgrad(tg, tsg, tx, tsx, off), o2)
 print(e1, e2)
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))

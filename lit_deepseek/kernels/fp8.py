@@ -250,10 +250,12 @@ def cublas_block_scales(sa: Tensor, sb: Tensor, b_blocks: bool) -> tuple[Tensor,
     scale_a (M, Kt) with strides (1, M); 1x128 scale_b (N, Kt) with strides (1, N); 128x128
     scale_b (L4, N/128) with strides (1, L4), where L4 is Kt rounded up to a multiple of 4 (the
     padding scales are zero and meet no data)."""
-    scale_a = sa.t().contiguous().t()
+    scale_a = sa.t().contiguous().t()  # no copy when the quantizer wrote column-major scales (Triton)
     if not b_blocks:
         return scale_a, sb.t().contiguous().t()
     nt, kt = sb.shape
+    if kt % 4 == 0:
+        return scale_a, sb.contiguous().t()
     buf = sb.new_zeros(nt, -(-kt // 4) * 4)
     buf[:, :kt] = sb
     return scale_a, buf.t()
@@ -268,8 +270,7 @@ def _pad_k_to_512(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor) -> tuple[Tenso
     return pad(aq, 512), _pad_to(sa, 1, 4), pad(bq, 512), _pad_to(sb, 1, 4)
 
 
-@torch.library.custom_op("lit_deepseek::blockwise_mm_t", mutates_args=())
-def _blockwise_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
+def _blockwise_mm_t_impl(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
     """aq [M, Kp] e4m3 with 1x128 scales sa [M, Kt]; bq [N, Kp] e4m3 with 128x128 scales [N/128, Kt]
     (b_blocks) or 1x128 scales [N, Kt] -> bf16 [M, N] by cuBLAS block scaling (Hopper):
     `torch.nn.functional.scaled_mm` with the recipe of each operand named, or on torch without it
@@ -299,6 +300,15 @@ def _blockwise_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks:
                           "training.fp8_recipe: rowwise") from exc
 
 
+# The products below run inside the opaque FP8 ops (`fp8_linear` and its backward), which call the
+# plain functions (`_..._impl`) directly: a custom op called from inside another costs a second
+# dispatch per product. The ops themselves stay for direct use (probes, the loop backend).
+@torch.library.custom_op("lit_deepseek::blockwise_mm_t", mutates_args=())
+def _blockwise_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
+    """`_blockwise_mm_t_impl` as an operator opaque to torch.compile."""
+    return _blockwise_mm_t_impl(aq, sa, bq, sb, b_blocks)
+
+
 @_blockwise_mm_t_op.register_fake
 def _(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
     return aq.new_empty(aq.shape[0], bq.shape[0], dtype=torch.bfloat16)
@@ -311,7 +321,7 @@ def blockwise_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: boo
     if emulate:
         b = dequantize_128x128(bq, sb) if b_blocks else dequantize_1x128(bq, sb)
         return dequantize_1x128(aq, sa) @ b.t()
-    return _blockwise_mm_t_op(aq, sa, bq, sb, b_blocks)
+    return _blockwise_mm_t_impl(aq, sa, bq, sb, b_blocks)
 
 
 def blockwise_wgrad(g: Tensor, x: Tensor, emulate: bool) -> Tensor:
@@ -449,8 +459,7 @@ def _grouped_backend() -> str:
     return "loop"
 
 
-@torch.library.custom_op("lit_deepseek::blockwise_grouped_mm_t", mutates_args=())
-def _blockwise_grouped_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor) -> Tensor:
+def _blockwise_grouped_mm_t_impl(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor) -> Tensor:
     """Rows of aq [M, Kp] (1x128 scales) sorted by group, times bq[e] [Np, Kp] (128x128 scales) -> bf16 [M, Np]."""
     if _grouped_backend() == "triton":
         from lit_deepseek.kernels.fp8_triton import grouped_mm_t
@@ -459,8 +468,14 @@ def _blockwise_grouped_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, o
     out = aq.new_zeros(aq.shape[0], bq.shape[1], dtype=torch.bfloat16)
     for e, start, end in _group_bounds(offsets):
         if end > start:
-            out[start:end] = _blockwise_mm_t_op(aq[start:end], sa[start:end], bq[e], sb[e], True)
+            out[start:end] = _blockwise_mm_t_impl(aq[start:end], sa[start:end], bq[e], sb[e], True)
     return out
+
+
+@torch.library.custom_op("lit_deepseek::blockwise_grouped_mm_t", mutates_args=())
+def _blockwise_grouped_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor) -> Tensor:
+    """`_blockwise_grouped_mm_t_impl` as an operator opaque to torch.compile."""
+    return _blockwise_grouped_mm_t_impl(aq, sa, bq, sb, offsets)
 
 
 @_blockwise_grouped_mm_t_op.register_fake
@@ -468,8 +483,7 @@ def _(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor) -> Tensor
     return aq.new_empty(aq.shape[0], bq.shape[1], dtype=torch.bfloat16)
 
 
-@torch.library.custom_op("lit_deepseek::blockwise_grouped_wgrad", mutates_args=())
-def _blockwise_grouped_wgrad_op(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor:
+def _blockwise_grouped_wgrad_impl(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor:
     """gq [Np, Mp], xq [Kp, Mp] (1x128 scales along the tokens) -> float32 [E, Np, Kp], group e
     summing over its own tokens."""
     if _grouped_backend() == "triton":
@@ -484,8 +498,14 @@ def _blockwise_grouped_wgrad_op(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, 
             for q in (a, b):  # zero bits are +0.0 in e4m3: drop the neighbouring groups' tokens
                 q.view(torch.uint8)[:, :start - t0] = 0
                 q.view(torch.uint8)[:, end - t0:] = 0
-            out[e] = _blockwise_mm_t_op(a, sg[:, t0 // BLOCK:t1 // BLOCK], b, sx[:, t0 // BLOCK:t1 // BLOCK], False)
+            out[e] = _blockwise_mm_t_impl(a, sg[:, t0 // BLOCK:t1 // BLOCK], b, sx[:, t0 // BLOCK:t1 // BLOCK], False)
     return out
+
+
+@torch.library.custom_op("lit_deepseek::blockwise_grouped_wgrad", mutates_args=())
+def _blockwise_grouped_wgrad_op(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor:
+    """`_blockwise_grouped_wgrad_impl` as an operator opaque to torch.compile."""
+    return _blockwise_grouped_wgrad_impl(gq, sg, xq, sx, offsets)
 
 
 @_blockwise_grouped_wgrad_op.register_fake
@@ -496,7 +516,7 @@ def _(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor
 def blockwise_grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
     """Grouped `blockwise_mm_t`: rows offsets[e-1]:offsets[e] of aq times bq[e].T -> [M, Np]."""
     if not emulate:
-        return _blockwise_grouped_mm_t_op(aq, sa, bq, sb, offsets)
+        return _blockwise_grouped_mm_t_impl(aq, sa, bq, sb, offsets)
     a, b = dequantize_1x128(aq, sa), dequantize_128x128(bq, sb)
     out = a.new_zeros(a.shape[0], b.shape[1])
     for e, start, end in _group_bounds(offsets):
@@ -510,7 +530,7 @@ def blockwise_grouped_wgrad(g: Tensor, x: Tensor, offsets: Tensor, emulate: bool
     gq, sg = _q_1x128_t(g)
     xq, sx = _q_1x128_t(x)
     if not emulate:
-        return _blockwise_grouped_wgrad_op(gq, sg, xq, sx, offsets)
+        return _blockwise_grouped_wgrad_impl(gq, sg, xq, sx, offsets)
     gd, xd = dequantize_1x128(gq, sg), dequantize_1x128(xq, sx)
     out = gd.new_zeros(offsets.numel(), gd.shape[0], xd.shape[0])
     for e, start, end in _group_bounds(offsets):
@@ -526,8 +546,11 @@ def blockwise_grouped_wgrad(g: Tensor, x: Tensor, offsets: Tensor, emulate: bool
 # on CUDA, to a backward that received an all-zero output gradient: exact forward, wrong dx and dw.)
 def _fresh(t: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
     """The first `cols` columns of t in dtype, as a contiguous tensor."""
-    t = t[..., :cols] if t.shape[-1] != cols else t
-    return t.to(dtype).contiguous()
+    if t.shape[-1] != cols:
+        t = t[..., :cols]
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 @torch.library.custom_op("lit_deepseek::fp8_linear", mutates_args=())
@@ -550,9 +573,11 @@ def _fp8_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, recipe: str, emulat
     """(dx, dw) of `fp8_linear` for the output gradient g [M, N], both products in FP8."""
     (n, k), g = w.shape, g.contiguous()
     if recipe == "blockwise":
-        wq, sw = _q_128x128(w)  # the forward's blocks again; a 128x128 block stays one transposed
+        # the forward's blocks again, quantized straight into the transposed layout (the quantizers
+        # read any strides): the 128x128 blocks of w.T are those of w, transposed, with the same scales
+        wq_t, sw_t = _q_128x128(w.t())
         gq, sg = _q_1x128(g)
-        dx = blockwise_mm_t(gq, sg, wq.t().contiguous(), sw.t(), True, emulate)
+        dx = blockwise_mm_t(gq, sg, wq_t, sw_t, True, emulate)
         dw = blockwise_wgrad(g, x, emulate)[:n]
     else:
         dx = fp8_mm_t(g, w.t().contiguous(), emulate)
@@ -608,9 +633,8 @@ def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Te
     """(dx, dw) of `fp8_grouped_linear`; the row-wise recipe keeps the weight gradient in bf16."""
     (e, n, k), g = w.shape, g.contiguous()
     if recipe == "blockwise":
-        wq, sw = _q_128x128(w)
+        wt, swt = _q_128x128(w.transpose(-2, -1))  # as the dense backward: blocks of w[e].T directly
         gq, sg = _q_1x128(g)
-        wt, swt = wq.transpose(-2, -1).contiguous(), sw.transpose(-2, -1).contiguous()
         dx = blockwise_grouped_mm_t(gq, sg, wt, swt, offsets, emulate)
         dw = blockwise_grouped_wgrad(g, x, offsets, emulate)[:, :n]
     else:
