@@ -133,6 +133,12 @@ def quantize_1x128_t(x: Tensor) -> tuple[Tensor, Tensor]:
     return quantize_1x128(_pad_to(x, -1).t())
 
 
+def quantize_1x128_dual(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x [T, C] -> (*`quantize_1x128`(x), *`quantize_1x128_t`(x)): the two tilings an output gradient
+    takes in a backward pass (along C for the input gradient, along T for the weight gradient)."""
+    return (*quantize_1x128(x), *quantize_1x128_t(x))
+
+
 QUANT_MODES = ("auto", "triton", "torch")
 
 
@@ -183,8 +189,8 @@ def dequantize_128x128(q: Tensor, s: Tensor) -> Tensor:
     return q.float() * s.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)
 
 
-_q_rows, _q_1x128, _q_1x128_t, _q_128x128 = (_quantizer(n) for n in ("quantize_rows", "quantize_1x128",
-                                                                         "quantize_1x128_t", "quantize_128x128"))
+_q_rows, _q_1x128, _q_1x128_t, _q_1x128_dual, _q_128x128 = (
+    _quantizer(n) for n in ("quantize_rows", "quantize_1x128", "quantize_1x128_t", "quantize_1x128_dual", "quantize_128x128"))
 
 
 def _aligned(*dims: int) -> bool:
@@ -324,9 +330,9 @@ def blockwise_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: boo
     return _blockwise_mm_t_impl(aq, sa, bq, sb, b_blocks)
 
 
-def blockwise_wgrad(g: Tensor, x: Tensor, emulate: bool) -> Tensor:
-    """g [T, N], x [T, K] -> g.T @ x [Np, Kp] with both operands in 1x128 tiles along the tokens T."""
-    gq, sg = _q_1x128_t(g)
+def blockwise_wgrad(gq: Tensor, sg: Tensor, x: Tensor, emulate: bool) -> Tensor:
+    """g.T @ x [Np, Kp] for x [T, K] and the output gradient g [T, N] given as its 1x128 tiles along
+    the tokens (gq [Np, Tp], sg: `quantize_1x128_t(g)`); x is tiled the same way here."""
     xq, sx = _q_1x128_t(x)
     return blockwise_mm_t(gq, sg, xq, sx, False, emulate)
 
@@ -525,9 +531,9 @@ def blockwise_grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offse
     return out
 
 
-def blockwise_grouped_wgrad(g: Tensor, x: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
-    """Per group e: g_e.T @ x_e -> [E, Np, Kp], both operands in 1x128 tiles along the tokens."""
-    gq, sg = _q_1x128_t(g)
+def blockwise_grouped_wgrad(gq: Tensor, sg: Tensor, x: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
+    """Per group e: g_e.T @ x_e -> [E, Np, Kp], both operands in 1x128 tiles along the tokens (the
+    output gradient g given tiled: gq, sg = `quantize_1x128_t(g)`)."""
     xq, sx = _q_1x128_t(x)
     if not emulate:
         return _blockwise_grouped_wgrad_impl(gq, sg, xq, sx, offsets)
@@ -576,9 +582,9 @@ def _fp8_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, recipe: str, emulat
         # the forward's blocks again, quantized straight into the transposed layout (the quantizers
         # read any strides): the 128x128 blocks of w.T are those of w, transposed, with the same scales
         wq_t, sw_t = _q_128x128(w.t())
-        gq, sg = _q_1x128(g)
+        gq, sg, gq_t, sg_t = _q_1x128_dual(g)  # g read once, tiled for both products
         dx = blockwise_mm_t(gq, sg, wq_t, sw_t, True, emulate)
-        dw = blockwise_wgrad(g, x, emulate)[:n]
+        dw = blockwise_wgrad(gq_t, sg_t, x, emulate)[:n]
     else:
         dx = fp8_mm_t(g, w.t().contiguous(), emulate)
         dw = fp8_mm_t(g.t().contiguous(), x.t().contiguous(), emulate)
@@ -634,9 +640,9 @@ def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Te
     (e, n, k), g = w.shape, g.contiguous()
     if recipe == "blockwise":
         wt, swt = _q_128x128(w.transpose(-2, -1))  # as the dense backward: blocks of w[e].T directly
-        gq, sg = _q_1x128(g)
+        gq, sg, gq_t, sg_t = _q_1x128_dual(g)
         dx = blockwise_grouped_mm_t(gq, sg, wt, swt, offsets, emulate)
-        dw = blockwise_grouped_wgrad(g, x, offsets, emulate)[:, :n]
+        dw = blockwise_grouped_wgrad(gq_t, sg_t, x, offsets, emulate)[:, :n]
     else:
         dx = fp8_grouped_mm_t(g, w.transpose(-2, -1).contiguous(), offsets, emulate)
         dw = grouped_weight_grad(g.to(x.dtype), x, offsets, e, emulate)

@@ -29,16 +29,30 @@ BLOCK = 128
 
 
 @triton.jit
-def _grouped_mm_t_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, tile_group_ptr, tile_row_ptr, group_end_ptr,
+def _grouped_mm_t_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_end_ptr, E,
                          M, K_TILES, stride_am, stride_sam, stride_sak, stride_be, stride_bn, stride_sbe, stride_sbn,
                          stride_om,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.load(tile_group_ptr + pid_m)
+    # row tile pid_m -> (group g, first row): the groups' row tiles are numbered in order, each group
+    # starting a new tile, so no tile crosses a group; programs past the last tile have g = -1
+    zero = pid_m * 0  # int32 scalars: the loop-carried values keep one type
+    g = zero - 1
+    row0 = zero
+    row_end = zero
+    start = zero
+    first_tile = zero
+    for e in range(0, E):
+        end = tl.load(group_end_ptr + e)
+        n_tiles = (end - start + BLOCK_M - 1) // BLOCK_M
+        hit = (pid_m >= first_tile) & (pid_m < first_tile + n_tiles)
+        g = tl.where(hit, e, g)
+        row0 = tl.where(hit, start + (pid_m - first_tile) * BLOCK_M, row0)
+        row_end = tl.where(hit, end, row_end)
+        first_tile += n_tiles
+        start = end
     if g >= 0:
-        row0 = tl.load(tile_row_ptr + pid_m)
-        row_end = tl.load(group_end_ptr + g)
         rows = row0 + tl.arange(0, BLOCK_M)
         keep = rows < row_end
         rows_in = tl.minimum(rows, M - 1)  # rows past the group only feed rows that are not stored
@@ -102,22 +116,6 @@ def _grouped_wgrad_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, offs_ptr, strid
     tl.store(out_ptr + e * stride_oe + ns[:, None] * stride_on + ks[None, :], acc)
 
 
-def _tile_map(offsets: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor, int]:
-    """Program -> (group, first row) for row tiles that never cross a group; -1 marks spare programs.
-    Computed on the device (no host sync): the grid is the static bound ceil(M / BLOCK_M) + E."""
-    ends = offsets.long()
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    tiles = (ends - starts + block_m - 1) // block_m
-    cum = torch.cumsum(tiles, 0)
-    n_prog = (m + block_m - 1) // block_m + ends.numel()
-    pid = torch.arange(n_prog, device=offsets.device)
-    group = torch.searchsorted(cum, pid, right=True)
-    valid = group < ends.numel()
-    g = group.clamp(max=ends.numel() - 1)
-    first_row = starts[g] + (pid - (cum - tiles)[g]) * block_m
-    return torch.where(valid, g, -1).to(torch.int32), first_row.to(torch.int32), n_prog
-
-
 def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor,
                  block_m: Optional[int] = None) -> Tensor:
     """aq [M, Kp] e4m3 (1x128 scales sa [M, Kp/128]) with rows sorted by group; bq [E, Np, Kp] e4m3
@@ -132,9 +130,9 @@ def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor
         return out
     a, b = aq.contiguous().view(torch.uint8), bq.contiguous().view(torch.uint8)
     sb = sb.contiguous()  # sa: any strides (the Triton quantizers write it column-major)
-    group, first_row, n_prog = _tile_map(offsets, m, block_m)
-    grid = (n_prog, np_ // BLOCK)
-    _grouped_mm_t_kernel[grid](a, sa, b, sb, out, group, first_row, offsets.to(torch.int32).contiguous(),
+    # a static bound of the row tiles (each group may start one more), so no host sync on the counts
+    grid = ((m + block_m - 1) // block_m + e, np_ // BLOCK)
+    _grouped_mm_t_kernel[grid](a, sa, b, sb, out, offsets.to(torch.int32).contiguous(), e,
                                m, kp // BLOCK, a.stride(0), sa.stride(0), sa.stride(1), b.stride(0), b.stride(1), sb.stride(0),
                                sb.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK,
                                num_warps=8 if block_m == 128 else 4, num_stages=3)
@@ -203,6 +201,29 @@ def _quantize_tiles_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stri
 
 
 @triton.jit
+def _quantize_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, T, C, stride_xt, stride_xc, stride_qt, stride_st,
+                          stride_sc, stride_qtc, stride_stc, stride_stt):
+    """One 128x128 block (program: token block, channel block) of x [T, C], read once and quantized
+    twice: in 1x128 tiles along the channels (q [T, Cp], scales s [T, Cp/128]) and along the tokens
+    (qt [Cp, Tp] = the tiles of x.T, scales st [Cp, Tp/128]); zeros past T and C."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    toks = (pid_t * 128 + tl.arange(0, 128)).to(tl.int64)
+    cols = (pid_c * 128 + tl.arange(0, 128)).to(tl.int64)
+    x = tl.load(x_ptr + toks[:, None] * stride_xt + cols[None, :] * stride_xc,
+                mask=(toks[:, None] < T) & (cols[None, :] < C), other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    scale, inv = _pow2_scales(tl.max(ax, axis=1))  # per token
+    q = _to_e4m3_bits(tl.clamp(x * scale[:, None], -448.0, 448.0))
+    tl.store(q_ptr + toks[:, None] * stride_qt + cols[None, :], q, mask=toks[:, None] < T)
+    tl.store(s_ptr + toks * stride_st + pid_c * stride_sc, inv, mask=toks < T)
+    scale_t, inv_t = _pow2_scales(tl.max(ax, axis=0))  # per channel
+    qt = _to_e4m3_bits(tl.clamp(x * scale_t[None, :], -448.0, 448.0))
+    tl.store(qt_ptr + cols[None, :] * stride_qtc + toks[:, None], qt)
+    tl.store(st_ptr + cols * stride_stc + pid_t * stride_stt, inv_t)
+
+
+@triton.jit
 def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, stride_wk, stride_qe, stride_qn,
                             stride_se, stride_sn):
     """One 128x128 block (program: block row, block column, leading index) of w [E, N, K]."""
@@ -267,6 +288,22 @@ def quantize_1x128_t(x: Tensor) -> tuple[Tensor, Tensor]:
     """`lit_deepseek.kernels.fp8.quantize_1x128_t` in one kernel: x [T, N] -> the 1x128 tiles of x.T
     with N padded to a multiple of 128: (e4m3 [Np, Tp], [Np, Tp/128]); read in place, no transposed copy."""
     return _tiles(x.t(), -(-x.shape[1] // BLOCK) * BLOCK)
+
+
+def quantize_1x128_dual(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`lit_deepseek.kernels.fp8.quantize_1x128_dual` in one kernel (x read once): x [T, C] ->
+    (`quantize_1x128(x)`, `quantize_1x128_t(x)`), all scales column-major."""
+    t, c = x.shape
+    tt, ct = -(-t // BLOCK), -(-c // BLOCK)
+    q = torch.empty(t, ct * BLOCK, device=x.device, dtype=torch.uint8)
+    s = torch.empty(ct, t, device=x.device, dtype=torch.float32).t()
+    qt = torch.empty(ct * BLOCK, tt * BLOCK, device=x.device, dtype=torch.uint8)
+    st = torch.empty(tt, ct * BLOCK, device=x.device, dtype=torch.float32).t()
+    if t and c:
+        _quantize_dual_kernel[(tt, ct)](x, q, s, qt, st, t, c, x.stride(0), x.stride(1), q.stride(0), s.stride(0),
+                                        s.stride(1), qt.stride(0), st.stride(0), st.stride(1), num_warps=8)
+    e4m3 = torch.float8_e4m3fn
+    return q.view(e4m3), s, qt.view(e4m3), st
 
 
 def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
