@@ -31,10 +31,13 @@ BLOCK = 128
 @triton.jit
 def _grouped_mm_t_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_end_ptr, E,
                          M, K_TILES, stride_am, stride_sam, stride_sak, stride_be, stride_bn, stride_sbe, stride_sbn,
-                         stride_om,
+                         stride_om, N_BLOCKS,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # one-dimensional grid, the column blocks of a row tile adjacent: the programs running together
+    # share their rows of A (read from L2 instead of memory) and their group's weights
+    pid = tl.program_id(0)
+    pid_n = pid % N_BLOCKS
+    pid_m = pid // N_BLOCKS
     # row tile pid_m -> (group g, first row): the groups' row tiles are numbered in order, each group
     # starting a new tile, so no tile crosses a group; programs past the last tile have g = -1
     zero = pid_m * 0  # int32 scalars: the loop-carried values keep one type
@@ -89,11 +92,14 @@ def _wgrad_tile(acc, a_ptr, sa_ptr, b_ptr, sb_ptr, ns, ks, t, ts, start, end, st
 
 @triton.jit
 def _grouped_wgrad_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, offs_ptr, stride_a, stride_san, stride_sat,
-                          stride_b, stride_sbk, stride_sbt, stride_oe, stride_on,
+                          stride_b, stride_sbk, stride_sbt, stride_oe, stride_on, N_BLOCKS, K_BLOCKS,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    e = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    # one-dimensional grid, a group's programs adjacent: those running together read the same
+    # group's tokens (from L2 after the first)
+    pid = tl.program_id(0)
+    pid_k = pid % K_BLOCKS
+    pid_n = (pid // K_BLOCKS) % N_BLOCKS
+    e = pid // (K_BLOCKS * N_BLOCKS)
     end = tl.load(offs_ptr + e)
     start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,10 +137,11 @@ def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor
     a, b = aq.contiguous().view(torch.uint8), bq.contiguous().view(torch.uint8)
     sb = sb.contiguous()  # sa: any strides (the Triton quantizers write it column-major)
     # a static bound of the row tiles (each group may start one more), so no host sync on the counts
-    grid = ((m + block_m - 1) // block_m + e, np_ // BLOCK)
+    n_blocks = np_ // BLOCK
+    grid = (((m + block_m - 1) // block_m + e) * n_blocks,)
     _grouped_mm_t_kernel[grid](a, sa, b, sb, out, offsets.to(torch.int32).contiguous(), e,
                                m, kp // BLOCK, a.stride(0), sa.stride(0), sa.stride(1), b.stride(0), b.stride(1), sb.stride(0),
-                               sb.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK,
+                               sb.stride(1), out.stride(0), n_blocks, BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK,
                                num_warps=8 if block_m == 128 else 4, num_stages=3)
     return out
 
@@ -150,10 +157,11 @@ def grouped_wgrad(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tenso
     out = torch.empty(e, np_, kp, device=gq.device, dtype=torch.float32)
     a, b = gq.contiguous().view(torch.uint8), xq.contiguous().view(torch.uint8)
     block_k = 256 if kp % 256 == 0 else BLOCK  # 128 x 256 output tiles: ~20% faster on an H200 than 128 x 128
-    grid = (e, np_ // BLOCK, kp // block_k)
-    _grouped_wgrad_kernel[grid](a, sg, b, sx, out, offsets.to(torch.int32).contiguous(), a.stride(0), sg.stride(0),
-                                sg.stride(1), b.stride(0), sx.stride(0), sx.stride(1), out.stride(0), out.stride(1),
-                                BLOCK_N=BLOCK, BLOCK_K=block_k, num_warps=8, num_stages=3)
+    n_blocks, k_blocks = np_ // BLOCK, kp // block_k
+    _grouped_wgrad_kernel[(e * n_blocks * k_blocks,)](
+        a, sg, b, sx, out, offsets.to(torch.int32).contiguous(), a.stride(0), sg.stride(0), sg.stride(1), b.stride(0),
+        sx.stride(0), sx.stride(1), out.stride(0), out.stride(1), n_blocks, k_blocks,
+        BLOCK_N=BLOCK, BLOCK_K=block_k, num_warps=8, num_stages=3)
     return out
 
 
