@@ -624,6 +624,7 @@ cases = [("quantize_1x128", spread(70, 200).bfloat16()), ("quantize_1x128", spre
          ("quantize_1x128_t", spread(128, 256)), ("quantize_128x128", spread(200, 300) * 0.02),
          ("quantize_128x128", spread(3, 72, 200)), ("quantize_rows", spread(70, 96).bfloat16()),
          ("quantize_rows", spread(4, 48, 320)),
+         ("quantize_rows", spread(300, 200).bfloat16().t()),
          ("quantize_1x128_dual", spread(300, 200).bfloat16()), ("quantize_1x128_dual", spread(128, 256))]
 bad = []
 for name, t in cases:

@@ -247,24 +247,30 @@ def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, str
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_qr, BLOCK_R: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-    """Rows of x [R, C] (unit column stride), one scale per row: a pass for the maximum, one to quantize."""
+def _rows_amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, stride_xc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Largest magnitude of each row of x [R, C] (any strides) into amax (zeros before): one program
+    per block of rows and chunk of columns, so that long rows (a transposed activation) still fill the
+    GPU."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :],
-                    mask=(rows[:, None] < R) & (cols[None, :] < C), other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    scale, inv = _pow2_scales(amax)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = (rows[:, None] < R) & (cols[None, :] < C)
-        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        q = _to_e4m3_bits(tl.clamp(x * scale[:, None], -448.0, 448.0))
-        tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :], q, mask=mask)
-    tl.store(s_ptr + rows, inv, mask=rows < R)
+    cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc,
+                mask=(rows[:, None] < R) & (cols[None, :] < C), other=0.0).to(tl.float32)
+    tl.atomic_max(amax_ptr + rows, tl.max(tl.abs(x), axis=1), mask=rows < R)
+
+
+@triton.jit
+def _rows_quantize_kernel(x_ptr, amax_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stride_qr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows of x quantized with the scale of their largest magnitude (`_rows_amax_kernel`)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    scale, inv = _pow2_scales(tl.load(amax_ptr + rows, mask=rows < R, other=0.0))
+    q = _to_e4m3_bits(tl.clamp(x * scale[:, None], -448.0, 448.0))
+    tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :], q, mask=mask)
+    if tl.program_id(1) == 0:
+        tl.store(s_ptr + rows, inv, mask=rows < R)
 
 
 _ROWS = 32
@@ -331,13 +337,14 @@ def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """`lit_deepseek.kernels.fp8.quantize_rows` in one kernel: x [..., K] -> (e4m3 [..., K], [..., 1])."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = x.reshape(-1, x.shape[-1])  # a 2-D operand keeps its strides (a transposed one is read in place)
     r, c = x2.shape
     q = torch.empty(r, c, device=x.device, dtype=torch.uint8)
     s = torch.empty(r, device=x.device, dtype=torch.float32)
     if r and c:
-        _quantize_rows_kernel[(-(-r // _ROWS),)](x2, q, s, r, c, x2.stride(0), q.stride(0), BLOCK_R=_ROWS,
-                                                BLOCK_C=128, num_warps=4)
+        amax = torch.zeros(r, device=x.device, dtype=torch.float32)
+        grid = (-(-r // _ROWS), -(-c // 256))
+        _rows_amax_kernel[grid](x2, amax, r, c, x2.stride(0), x2.stride(1), BLOCK_R=_ROWS, BLOCK_C=256, num_warps=4)
+        _rows_quantize_kernel[grid](x2, amax, q, s, r, c, x2.stride(0), x2.stride(1), q.stride(0), BLOCK_R=_ROWS,
+                                    BLOCK_C=256, num_warps=4)
     return q.view(torch.float8_e4m3fn).reshape(x.shape), s.reshape(*x.shape[:-1], 1)
