@@ -117,9 +117,9 @@ def experts_product(k: int, n: int, offsets: torch.Tensor) -> None:
     fwd = bench(lambda: fp8.blockwise_grouped_mm_t(xq, sx, wq, sw, offsets, False), 5)
     gq, sg = fp8.quantize_1x128(fp8._pad_to(g, -1).t())
     xq_t, sx_t = fp8.quantize_1x128(x.t())
-    wgrad = bench(lambda: fp8._blockwise_grouped_wgrad_op(gq, sg, xq_t, sx_t, offsets), 5)
+    wgrad = bench(lambda: fp8._blockwise_grouped_wgrad_impl(gq, sg, xq_t, sx_t, offsets), 5)
     print(f"experts K={k} N={n}: fwd+bwd " + ", ".join(f"{a} {b:.2f}" for a, b in res.items())
-          + f" ms (host " + ", ".join(f"{a} {HOST[f'experts {k} {a}']:.2f}" for a in res)
+          + " ms (host " + ", ".join(f"{a} {HOST[f'experts {k} {a}']:.2f}" for a in res)
           + f") | Triton blockwise forward {fwd:.2f}, weight gradient {wgrad:.2f}", flush=True)
 
 

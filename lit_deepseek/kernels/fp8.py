@@ -214,33 +214,23 @@ def fp8_mm_t(a: Tensor, b: Tensor, emulate: bool = False, out_dtype: torch.dtype
     bq, sb = _q_rows(b)
     if emulate:
         return ((aq.float() * sa) @ (bq.float() * sb).t()).to(out_dtype)
-    return _scaled_mm_t_op(aq, sa, bq, sb).to(out_dtype)
+    return _rowwise_mm_t(aq, sa, bq, sb).to(out_dtype)
 
 
-# The FP8 kernels are called through custom ops: opaque to torch.compile, so a compiled model runs
-# exactly the kernels (and operand layouts) that the eager path and the tests use.
-@torch.library.custom_op("lit_deepseek::scaled_mm_t", mutates_args=())
-def _scaled_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor) -> Tensor:
+# The kernel calls below are plain functions: they run inside the FP8 custom ops (`fp8_linear`,
+# `fp8_grouped_linear` and their backwards), which torch.compile keeps opaque, so a compiled model
+# runs exactly the kernels and operand layouts of the eager path, with one operator dispatch per
+# layer call and none per inner product.
+def _rowwise_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor) -> Tensor:
     """aq [M, K] e4m3 with scales sa [M, 1]; bq [N, K] e4m3 with sb [N, 1] -> bf16 [M, N]."""
     return torch._scaled_mm(aq.contiguous(), bq.contiguous().t(), scale_a=sa.reshape(-1, 1).contiguous(),
                             scale_b=sb.reshape(1, -1).contiguous(), out_dtype=torch.bfloat16)
 
 
-@_scaled_mm_t_op.register_fake
-def _(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor) -> Tensor:
-    return aq.new_empty(aq.shape[0], bq.shape[0], dtype=torch.bfloat16)
-
-
-@torch.library.custom_op("lit_deepseek::scaled_grouped_mm_t", mutates_args=())
-def _scaled_grouped_mm_t_op(xq: Tensor, sx: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor) -> Tensor:
+def _rowwise_grouped_mm_t(xq: Tensor, sx: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor) -> Tensor:
     """xq [M, K] e4m3 rows sorted by group, sx [M, 1]; wq [E, N, K] e4m3, sw [E, N, 1] -> bf16 [M, N]."""
     return torch._scaled_grouped_mm(xq.contiguous(), wq.contiguous().transpose(-2, -1), sx.reshape(-1).contiguous(),
                                     sw.reshape(sw.shape[0], -1).contiguous(), offs=offsets, out_dtype=torch.bfloat16)
-
-
-@_scaled_grouped_mm_t_op.register_fake
-def _(xq: Tensor, sx: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor) -> Tensor:
-    return xq.new_empty(xq.shape[0], wq.shape[1], dtype=torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------- blockwise, dense
@@ -277,7 +267,8 @@ def _pad_k_to_512(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor) -> tuple[Tenso
 
 
 def _blockwise_mm_t_impl(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
-    """aq [M, Kp] e4m3 with 1x128 scales sa [M, Kt]; bq [N, Kp] e4m3 with 128x128 scales [N/128, Kt]
+    """Runs inside the opaque FP8 ops (`fp8_linear` and its backward), as a plain call: one operator
+    dispatch per FP8 layer call, none per inner product. aq [M, Kp] e4m3 with 1x128 scales sa [M, Kt]; bq [N, Kp] e4m3 with 128x128 scales [N/128, Kt]
     (b_blocks) or 1x128 scales [N, Kt] -> bf16 [M, N] by cuBLAS block scaling (Hopper):
     `torch.nn.functional.scaled_mm` with the recipe of each operand named, or on torch without it
     `torch._scaled_mm` with K padded to a multiple of 512 (its shape-inferred recipe needs aligned
@@ -304,20 +295,6 @@ def _blockwise_mm_t_impl(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_block
         raise ConfigError(f"training.fp8_recipe: blockwise: this torch/cuBLAS refused the block-scaled product "
                           f"[{m} x {aq.shape[1]}] @ [{aq.shape[1]} x {bq.shape[0]}] ({reason}); use "
                           "training.fp8_recipe: rowwise") from exc
-
-
-# The products below run inside the opaque FP8 ops (`fp8_linear` and its backward), which call the
-# plain functions (`_..._impl`) directly: a custom op called from inside another costs a second
-# dispatch per product. The ops themselves stay for direct use (probes, the loop backend).
-@torch.library.custom_op("lit_deepseek::blockwise_mm_t", mutates_args=())
-def _blockwise_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
-    """`_blockwise_mm_t_impl` as an operator opaque to torch.compile."""
-    return _blockwise_mm_t_impl(aq, sa, bq, sb, b_blocks)
-
-
-@_blockwise_mm_t_op.register_fake
-def _(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
-    return aq.new_empty(aq.shape[0], bq.shape[0], dtype=torch.bfloat16)
 
 
 def blockwise_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool, emulate: bool) -> Tensor:
@@ -414,19 +391,13 @@ def fp8_grouped_mm_t(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = Fals
                 out[start:end] = (xd[start:end] @ wd[e].t()).to(out.dtype)
             start = end
         return out
-    return _scaled_grouped_mm_t_op(xq, sx, wq, sw, offsets)
+    return _rowwise_grouped_mm_t(xq, sx, wq, sw, offsets)
 
 
-@torch.library.custom_op("lit_deepseek::grouped_weight_grad", mutates_args=())
-def _grouped_weight_grad_op(g: Tensor, x: Tensor, offsets: Tensor, num_groups: int) -> Tensor:
-    """Opaque to the compiler, so the layouts below are the ones the kernel gets: with g [M, N]
+def _grouped_weight_grad_kernel(g: Tensor, x: Tensor, offsets: Tensor, num_groups: int) -> Tensor:
+    """Inside the opaque FP8 ops, so the layouts below are the ones the kernel gets: with g [M, N]
     row-major, g.t() is column-major and no group size needs 16-byte alignment along the tokens."""
     return _grouped_mm()(g.contiguous().t(), x.contiguous(), offs=offsets)
-
-
-@_grouped_weight_grad_op.register_fake
-def _(g: Tensor, x: Tensor, offsets: Tensor, num_groups: int) -> Tensor:
-    return g.new_empty(num_groups, g.shape[1], x.shape[1])
 
 
 def grouped_weight_grad(g: Tensor, x: Tensor, offsets: Tensor, num_groups: int, emulate: bool) -> Tensor:
@@ -439,7 +410,7 @@ def grouped_weight_grad(g: Tensor, x: Tensor, offsets: Tensor, num_groups: int, 
                 out[e] = g[start:end].float().t() @ x[start:end].float()
             start = end
         return out
-    return _grouped_weight_grad_op(g, x, offsets, num_groups)
+    return _grouped_weight_grad_kernel(g, x, offsets, num_groups)
 
 
 # ---------------------------------------------------------------------------------- blockwise, experts
@@ -478,17 +449,6 @@ def _blockwise_grouped_mm_t_impl(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor,
     return out
 
 
-@torch.library.custom_op("lit_deepseek::blockwise_grouped_mm_t", mutates_args=())
-def _blockwise_grouped_mm_t_op(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor) -> Tensor:
-    """`_blockwise_grouped_mm_t_impl` as an operator opaque to torch.compile."""
-    return _blockwise_grouped_mm_t_impl(aq, sa, bq, sb, offsets)
-
-
-@_blockwise_grouped_mm_t_op.register_fake
-def _(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor) -> Tensor:
-    return aq.new_empty(aq.shape[0], bq.shape[1], dtype=torch.bfloat16)
-
-
 def _blockwise_grouped_wgrad_impl(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor:
     """gq [Np, Mp], xq [Kp, Mp] (1x128 scales along the tokens) -> float32 [E, Np, Kp], group e
     summing over its own tokens."""
@@ -506,17 +466,6 @@ def _blockwise_grouped_wgrad_impl(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor
                 q.view(torch.uint8)[:, end - t0:] = 0
             out[e] = _blockwise_mm_t_impl(a, sg[:, t0 // BLOCK:t1 // BLOCK], b, sx[:, t0 // BLOCK:t1 // BLOCK], False)
     return out
-
-
-@torch.library.custom_op("lit_deepseek::blockwise_grouped_wgrad", mutates_args=())
-def _blockwise_grouped_wgrad_op(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor:
-    """`_blockwise_grouped_wgrad_impl` as an operator opaque to torch.compile."""
-    return _blockwise_grouped_wgrad_impl(gq, sg, xq, sx, offsets)
-
-
-@_blockwise_grouped_wgrad_op.register_fake
-def _(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor:
-    return gq.new_empty(offsets.shape[0], gq.shape[0], xq.shape[0], dtype=torch.float32)
 
 
 def blockwise_grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
