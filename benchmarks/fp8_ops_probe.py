@@ -97,6 +97,25 @@ def experts() -> None:
     offsets = counts.cumsum(0).to(torch.int32)
     for k, n in ((1024, 2560), (2560, 1024)):
         experts_product(k, n, offsets)
+    gate_up(1024, 2560, offsets)
+
+
+def gate_up(k: int, n: int, offsets: torch.Tensor) -> None:
+    """The experts' gate and up products, blockwise: `fp8_grouped_gate_up` (one product over both
+    weights, what the experts run) against two `fp8_grouped_linear` calls."""
+    x = torch.randn(ROUTED, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w1, w3 = ((torch.randn(EXPERTS, n, k, device="cuda") * 0.02).requires_grad_() for _ in range(2))
+    g = torch.randn(ROUTED, n, device="cuda", dtype=torch.bfloat16)
+
+    def fused() -> None:
+        torch.autograd.backward(fp8.fp8_grouped_gate_up(x, w1, w3, offsets), [g, g])
+
+    def separate() -> None:
+        torch.autograd.backward([fp8.fp8_grouped_linear(x, w, offsets, False, "blockwise") for w in (w1, w3)], [g, g])
+
+    times = {name: bench(fn, 5, host_key=f"gate_up {name}") for name, fn in (("fused", fused), ("separate", separate))}
+    print(f"experts gate + up, K={k} N={n} each, blockwise fwd+bwd: " + ", ".join(
+        f"{a} {b:.2f} ms (host {HOST[f'gate_up {a}']:.2f})" for a, b in times.items()), flush=True)
 
 
 def experts_product(k: int, n: int, offsets: torch.Tensor) -> None:

@@ -31,6 +31,7 @@ from lit_deepseek.kernels.fp8 import (
     float8_experts_class,
     fp8_blockwise_grouped_linear,
     fp8_excluded,
+    fp8_grouped_gate_up,
     fp8_grouped_linear,
     quantize_1x128,
     quantize_128x128,
@@ -275,13 +276,14 @@ def test_fp8_under_expert_parallel_and_zero3() -> None:
     """FP8 (blockwise, emulated) under EP2 x DP2 with ZeRO-3 (FSDP2 wraps the FP8 layers) against one
     process with the same recipe. Forward tiles follow tokens and weights, so the first loss agrees
     to float32 rounding; expert weight-gradient tiles follow the tokens each expert receives, which
-    EP regroups, so gradients agree to FP8 rounding."""
+    EP regroups, so gradients agree to FP8 rounding. The expert intermediate size is 128, so the
+    experts run the fused gate/up product, on FSDP2's unsharded weights."""
     import warnings
 
     from dist_utils import compare, distributed_run, reference_run, run_distributed, tiny_run_config
 
     def config(fp8: bool, parallel: dict | None = None) -> object:
-        cfg = tiny_run_config(parallel=parallel, steps_batch=8)
+        cfg = tiny_run_config(parallel=parallel, steps_batch=8, model={"moe.expert_intermediate_size": 128})
         cfg.training.use_fp8, cfg.training.fp8_recipe = fp8, "blockwise"
         return cfg
 
@@ -329,6 +331,91 @@ print(e1, e2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     e1, e2 = map(float, proc.stdout.split())
     assert e1 < KERNEL_VS_EMULATION and e2 < 1e-5
+
+
+def _gate_up_fused_and_separate(device: str, emulate: bool) -> dict[str, list[torch.Tensor]]:
+    """The experts' gate and up products (outputs, input gradient, both weight gradients) computed by
+    `fp8_grouped_gate_up` ("fused") and by two blockwise `fp8_grouped_linear` calls ("separate"),
+    plus the float64 product of the unquantized operands ("exact"). Uneven groups, an empty one, K
+    not a multiple of 128."""
+    torch.manual_seed(0)
+    counts = torch.tensor([70, 0, 130, 27], device=device)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    m, k, n = int(counts.sum()), 200, 256
+    x = (torch.randn(m, k, device=device) * 3).bfloat16()
+    w1, w3 = (torch.randn(4, n, k, device=device) * 0.05 for _ in range(2))
+    g1, g3 = (torch.randn(m, n, device=device).bfloat16() for _ in range(2))
+    out = {}
+    for name in ("fused", "separate", "exact"):
+        xi, a, b = (t.clone().double() if name == "exact" else t.clone() for t in (x, w1, w3))
+        xi, a, b = xi.requires_grad_(), a.requires_grad_(), b.requires_grad_()
+        if name == "fused":
+            gate, up = fp8_grouped_gate_up(xi, a, b, offsets, emulate)
+        elif name == "separate":
+            gate, up = (fp8_grouped_linear(xi, w, offsets, emulate, recipe="blockwise") for w in (a, b))
+        else:
+            bounds = [0, *offsets.tolist()]
+            pairs = list(zip(bounds, bounds[1:], strict=False))
+            gate, up = (torch.cat([xi[s:e] @ w[i].t() for i, (s, e) in enumerate(pairs)]) for w in (a, b))
+        torch.autograd.backward([gate, up], [g1.to(gate.dtype), g3.to(up.dtype)])
+        out[name] = [t.detach().float() for t in (gate, up, xi.grad, a.grad, b.grad)]
+    return out
+
+
+def _check_gate_up(out: dict[str, list[torch.Tensor]], same: float) -> None:
+    """Gate, up and both weight gradients are those of the separate products (each weight quantized on
+    its own, the same tiles of x and of the output gradient); the input gradient differs by one bf16
+    rounding (one product over both weights, where the separate path rounds two and adds them), and
+    both stay within the FP8 bound of the exact product."""
+    fused, separate, exact = out["fused"], out["separate"], out["exact"]
+    for i in (0, 1, 3, 4):
+        assert rel(fused[i], separate[i]) <= same, (i, rel(fused[i], separate[i]))
+    assert rel(fused[2], separate[2]) < 1e-2
+    for a, r in zip(fused, exact, strict=True):
+        assert rel(a, r) < FP8_BOUND
+
+
+def test_fused_gate_up_equals_two_blockwise_products() -> None:
+    _check_gate_up(_gate_up_fused_and_separate("cpu", emulate=True), same=0.0)
+
+
+@pytest.mark.skipif(not has_triton, reason="triton is not installed")
+def test_fused_gate_up_triton_kernels_interpreted() -> None:
+    """The fused gate/up product through the Triton grouped kernels (TRITON_INTERPRET=1, CPU tensors,
+    a fresh process): equal to the two separate kernel products and close to its float32 emulation."""
+    code = """
+from tests.test_fp8 import _check_gate_up, _gate_up_fused_and_separate, rel
+kernel, emulated = _gate_up_fused_and_separate("cpu", False), _gate_up_fused_and_separate("cpu", True)
+_check_gate_up(kernel, same=0.0)
+print(max(rel(a, b) for a, b in zip(kernel["fused"], emulated["fused"], strict=True)))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) < KERNEL_VS_EMULATION
+
+
+@pytest.mark.gpu
+@block_fp8_gpu
+def test_fused_gate_up_kernels_match_separate_products_on_gpu() -> None:
+    _check_gate_up(_gate_up_fused_and_separate("cuda", emulate=False), same=1e-6)
+
+
+def test_fp8_experts_run_gate_and_up_as_one_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blockwise FP8 experts with an intermediate size that is a multiple of 128 take the fused gate/up
+    product; other sizes and the row-wise recipe run two products."""
+    calls = []
+    real = fp8._fp8_grouped_gate_up_op
+    monkeypatch.setattr(fp8, "_fp8_grouped_gate_up_op", lambda *a: calls.append(a[1].shape) or real(*a))
+    counts = torch.tensor([5, 3])
+    for n, recipe, fused in ((128, "blockwise", True), (96, "blockwise", False), (128, "rowwise", False)):
+        calls.clear()
+        layer = GroupedExperts(2, 64, n)
+        nn.init.normal_(layer.w1, std=0.02), nn.init.normal_(layer.w2, std=0.02), nn.init.normal_(layer.w3, std=0.02)
+        convert_to_fp8(nn.Sequential(layer), recipe=recipe, emulate=True)
+        layer(torch.randn(8, 64), counts).sum().backward()
+        assert bool(calls) == fused, (n, recipe)
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
 
 
 def test_cli_fp8_run_on_cpu_learns(tmp_path: Path) -> None:

@@ -483,7 +483,12 @@ def blockwise_grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offse
 def blockwise_grouped_wgrad(gq: Tensor, sg: Tensor, x: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
     """Per group e: g_e.T @ x_e -> [E, Np, Kp], both operands in 1x128 tiles along the tokens (the
     output gradient g given tiled: gq, sg = `quantize_1x128_t(g)`)."""
-    xq, sx = _q_1x128_t(x)
+    return _blockwise_grouped_wgrad_q(gq, sg, *_q_1x128_t(x), offsets, emulate)
+
+
+def _blockwise_grouped_wgrad_q(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor,
+                               emulate: bool) -> Tensor:
+    """`blockwise_grouped_wgrad` with x given tiled too (xq, sx = `quantize_1x128_t(x)`)."""
     if not emulate:
         return _blockwise_grouped_wgrad_impl(gq, sg, xq, sx, offsets)
     gd, xd = dequantize_1x128(gq, sg), dequantize_1x128(xq, sx)
@@ -621,6 +626,74 @@ def fp8_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = Fa
     return _fp8_grouped_linear_op(x, w, offsets, recipe, emulate)
 
 
+def _cat_e4m3(parts: Sequence[Tensor], dim: int) -> Tensor:
+    return torch.cat([p.view(torch.uint8) for p in parts], dim).view(torch.float8_e4m3fn)
+
+
+# The gate and up products of the routed experts share their input: under the blockwise recipe they
+# run as one product over both weights' 128x128 blocks side by side, so x is quantized once (twice
+# in the backward: along the channels and along the tokens), and each pass makes one grouped product
+# and one operator dispatch fewer. Each weight is quantized on its own, so when the intermediate size
+# is a multiple of 128 (no block straddles the two weights) the quantized operands are exactly those
+# of two separate products.
+@torch.library.custom_op("lit_deepseek::fp8_grouped_gate_up", mutates_args=())
+def _fp8_grouped_gate_up_op(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
+    """Rows of x [M, K] sorted by group, times w1[e].T and w3[e].T (each [E, N, K], N a multiple of
+    128) -> bf16 [M, 2N]: the gate product in the first N columns, the up product in the last N."""
+    xq, sx = _q_1x128(x)
+    (q1, s1), (q3, s3) = _q_128x128(w1), _q_128x128(w3)
+    out = blockwise_grouped_mm_t(xq, sx, _cat_e4m3((q1, q3), 1), torch.cat((s1, s3), 1), offsets, emulate)
+    return _fresh(out, 2 * w1.shape[1], torch.bfloat16)
+
+
+@_fp8_grouped_gate_up_op.register_fake
+def _(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
+    return x.new_empty(x.shape[0], 2 * w1.shape[1], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("lit_deepseek::fp8_grouped_gate_up_backward", mutates_args=())
+def _fp8_grouped_gate_up_backward_op(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor,
+                                     emulate: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw1, dw3) of `fp8_grouped_gate_up` for the output gradient g [M, 2N]: one input-gradient
+    product over both weights (contraction over 2N), one weight-gradient product per weight."""
+    (_e, n, k), g = w1.shape, g.contiguous()
+    (t1, st1), (t3, st3) = _q_128x128(w1.transpose(-2, -1)), _q_128x128(w3.transpose(-2, -1))
+    gq, sg, gq_t, sg_t = _q_1x128_dual(g)
+    dx = blockwise_grouped_mm_t(gq, sg, _cat_e4m3((t1, t3), 2), torch.cat((st1, st3), 2), offsets, emulate)
+    xq_t, sx_t = _q_1x128_t(x)
+    dw1 = _blockwise_grouped_wgrad_q(gq_t[:n], sg_t[:n], xq_t, sx_t, offsets, emulate)
+    dw3 = _blockwise_grouped_wgrad_q(gq_t[n:2 * n], sg_t[n:2 * n], xq_t, sx_t, offsets, emulate)
+    return _fresh(dx, k, x.dtype), _fresh(dw1, k, w1.dtype), _fresh(dw3, k, w3.dtype)
+
+
+@_fp8_grouped_gate_up_backward_op.register_fake
+def _(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool) -> tuple[Tensor, Tensor, Tensor]:
+    fresh = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return fresh(x), fresh(w1), fresh(w3)
+
+
+def _fp8_grouped_gate_up_backward(ctx: Any, g: Tensor) -> tuple:
+    x, w1, w3, offsets = ctx.saved_tensors
+    (emulate,) = ctx.args
+    dx, dw1, dw3 = _fp8_grouped_gate_up_backward_op(g, x, w1, w3, offsets, emulate)
+    return dx, dw1, dw3, None, None
+
+
+_fp8_grouped_gate_up_op.register_autograd(_fp8_grouped_gate_up_backward, setup_context=_save_inputs)
+
+
+def fp8_grouped_gate_up(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool = False) -> tuple[Tensor, Tensor]:
+    """Differentiable (gate, up) = (x_e @ w1[e].T, x_e @ w3[e].T) of the routed experts, bf16, in
+    block-scaled FP8 as one product (see above); the same values as two `fp8_grouped_linear` calls
+    with recipe="blockwise", up to float32 summation order. Needs the intermediate size N (w1 [E, N,
+    K]) to be a multiple of 128."""
+    n = w1.shape[1]
+    if n % BLOCK or w3.shape != w1.shape:
+        raise ValueError(f"fp8_grouped_gate_up: w1 {tuple(w1.shape)} and w3 {tuple(w3.shape)} must have the same "
+                         f"shape, with the intermediate size a multiple of {BLOCK}")
+    return _fp8_grouped_gate_up_op(x, w1, w3, offsets, emulate).split(n, dim=-1)
+
+
 def fp8_blockwise_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = False) -> Tensor:
     """Differentiable grouped x_e @ w[e].T (w [E, N, K]) with all three products in block-scaled FP8."""
     return fp8_grouped_linear(x, w, offsets, emulate, recipe="blockwise")
@@ -640,8 +713,11 @@ class Float8GroupedExperts(GroupedExperts):
         e = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
         x = x.to(compute_dtype(x))  # as GroupedExperts: the autocast dtype under mixed precision
         r = self.fp8_recipe
-        h = F.silu(fp8_grouped_linear(x, self.w1, offsets, e, r)) * fp8_grouped_linear(x, self.w3, offsets, e, r)
-        return fp8_grouped_linear(h, self.w2, offsets, e, r).to(x.dtype)
+        if r == "blockwise" and self.w1.shape[1] % BLOCK == 0:  # gate and up as one product
+            gate, up = fp8_grouped_gate_up(x, self.w1, self.w3, offsets, e)
+        else:
+            gate, up = fp8_grouped_linear(x, self.w1, offsets, e, r), fp8_grouped_linear(x, self.w3, offsets, e, r)
+        return fp8_grouped_linear(F.silu(gate) * up, self.w2, offsets, e, r).to(x.dtype)
 
 
 def float8_experts_class() -> type:
