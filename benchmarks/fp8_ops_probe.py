@@ -101,21 +101,29 @@ def experts() -> None:
 
 
 def gate_up(k: int, n: int, offsets: torch.Tensor) -> None:
-    """The experts' gate and up products, blockwise: `fp8_grouped_gate_up` (one product over both
-    weights, what the experts run) against two `fp8_grouped_linear` calls."""
-    x = torch.randn(ROUTED, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w1, w3 = ((torch.randn(EXPERTS, n, k, device="cuda") * 0.02).requires_grad_() for _ in range(2))
-    g = torch.randn(ROUTED, n, device="cuda", dtype=torch.bfloat16)
+    """SwiGLU's gate and up products, blockwise, for the routed experts and for a dense layer (the
+    shared expert): one product over both weights (`fp8_grouped_gate_up` / `fp8_gate_up`, what the
+    model runs) against two products."""
+    for grouped in (True, False):
+        gate_up_pair(k, n, offsets, grouped)
 
-    def fused() -> None:
-        torch.autograd.backward(fp8.fp8_grouped_gate_up(x, w1, w3, offsets), [g, g])
 
-    def separate() -> None:
-        torch.autograd.backward([fp8.fp8_grouped_linear(x, w, offsets, False, "blockwise") for w in (w1, w3)], [g, g])
-
-    times = {name: bench(fn, 5, host_key=f"gate_up {name}") for name, fn in (("fused", fused), ("separate", separate))}
-    print(f"experts gate + up, K={k} N={n} each, blockwise fwd+bwd: " + ", ".join(
-        f"{a} {b:.2f} ms (host {HOST[f'gate_up {a}']:.2f})" for a, b in times.items()), flush=True)
+def gate_up_pair(k: int, n: int, offsets: torch.Tensor, grouped: bool) -> None:
+    x = torch.randn(ROUTED if grouped else TOKENS, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w1, w3 = ((torch.randn(*((EXPERTS,) if grouped else ()), n, k, device="cuda") * 0.02).requires_grad_()
+              for _ in range(2))
+    g = torch.randn(x.shape[0], n, device="cuda", dtype=torch.bfloat16)
+    if grouped:
+        fused = lambda: fp8.fp8_grouped_gate_up(x, w1, w3, offsets)  # noqa: E731
+        separate = lambda: [fp8.fp8_grouped_linear(x, w, offsets, False, "blockwise") for w in (w1, w3)]  # noqa: E731
+    else:
+        fused = lambda: fp8.fp8_gate_up(x, w1, w3)  # noqa: E731
+        separate = lambda: [fp8.fp8_linear(x, w, "blockwise") for w in (w1, w3)]  # noqa: E731
+    kind = "experts" if grouped else "dense"
+    times = {name: bench(lambda f=fn: torch.autograd.backward(list(f()), [g, g]), 5, host_key=f"{kind} gate_up {name}")
+             for name, fn in (("fused", fused), ("separate", separate))}
+    print(f"{kind} gate + up, K={k} N={n} each, blockwise fwd+bwd: " + ", ".join(
+        f"{a} {b:.2f} ms (host {HOST[f'{kind} gate_up {a}']:.2f})" for a, b in times.items()), flush=True)
 
 
 def experts_product(k: int, n: int, offsets: torch.Tensor) -> None:

@@ -31,6 +31,7 @@ from lit_deepseek.kernels.fp8 import (
     float8_experts_class,
     fp8_blockwise_grouped_linear,
     fp8_excluded,
+    fp8_gate_up,
     fp8_grouped_gate_up,
     fp8_grouped_linear,
     quantize_1x128,
@@ -39,7 +40,7 @@ from lit_deepseek.kernels.fp8 import (
     set_fp8_enabled,
 )
 from lit_deepseek.model import DeepSeekV3
-from lit_deepseek.model.moe import GroupedExperts
+from lit_deepseek.model.moe import GroupedExperts, SwiGLU
 from lit_deepseek.training.loss import model_loss
 from tests.conftest import tiny_model_config
 
@@ -333,30 +334,35 @@ print(e1, e2)
     assert e1 < KERNEL_VS_EMULATION and e2 < 1e-5
 
 
-def _gate_up_fused_and_separate(device: str, emulate: bool) -> dict[str, list[torch.Tensor]]:
-    """The experts' gate and up products (outputs, input gradient, both weight gradients) computed by
-    `fp8_grouped_gate_up` ("fused") and by two blockwise `fp8_grouped_linear` calls ("separate"),
-    plus the float64 product of the unquantized operands ("exact"). Uneven groups, an empty one, K
-    not a multiple of 128."""
+def _gate_up_fused_and_separate(device: str, emulate: bool, grouped: bool = True) -> dict[str, list[torch.Tensor]]:
+    """SwiGLU's gate and up products (outputs, input gradient, both weight gradients) computed as one
+    blockwise FP8 product ("fused": `fp8_grouped_gate_up` for routed experts, `fp8_gate_up` for a
+    dense layer) and as two blockwise products ("separate"), plus the float64 product of the
+    unquantized operands ("exact"). Uneven groups with an empty one, K not a multiple of 128, M not
+    a multiple of 128."""
     torch.manual_seed(0)
     counts = torch.tensor([70, 0, 130, 27], device=device)
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     m, k, n = int(counts.sum()), 200, 256
     x = (torch.randn(m, k, device=device) * 3).bfloat16()
-    w1, w3 = (torch.randn(4, n, k, device=device) * 0.05 for _ in range(2))
+    w1, w3 = (torch.randn(*((4,) if grouped else ()), n, k, device=device) * 0.05 for _ in range(2))
     g1, g3 = (torch.randn(m, n, device=device).bfloat16() for _ in range(2))
+    bounds = [0, *offsets.tolist()]
+    pairs = list(zip(bounds, bounds[1:], strict=False))
     out = {}
     for name in ("fused", "separate", "exact"):
         xi, a, b = (t.clone().double() if name == "exact" else t.clone() for t in (x, w1, w3))
         xi, a, b = xi.requires_grad_(), a.requires_grad_(), b.requires_grad_()
         if name == "fused":
-            gate, up = fp8_grouped_gate_up(xi, a, b, offsets, emulate)
-        elif name == "separate":
+            gate, up = fp8_grouped_gate_up(xi, a, b, offsets, emulate) if grouped else fp8_gate_up(xi, a, b, emulate)
+        elif name == "separate" and grouped:
             gate, up = (fp8_grouped_linear(xi, w, offsets, emulate, recipe="blockwise") for w in (a, b))
-        else:
-            bounds = [0, *offsets.tolist()]
-            pairs = list(zip(bounds, bounds[1:], strict=False))
+        elif name == "separate":
+            gate, up = (fp8.fp8_linear(xi, w, "blockwise", emulate) for w in (a, b))
+        elif grouped:
             gate, up = (torch.cat([xi[s:e] @ w[i].t() for i, (s, e) in enumerate(pairs)]) for w in (a, b))
+        else:
+            gate, up = xi @ a.t(), xi @ b.t()
         torch.autograd.backward([gate, up], [g1.to(gate.dtype), g3.to(up.dtype)])
         out[name] = [t.detach().float() for t in (gate, up, xi.grad, a.grad, b.grad)]
     return out
@@ -375,8 +381,56 @@ def _check_gate_up(out: dict[str, list[torch.Tensor]], same: float) -> None:
         assert rel(a, r) < FP8_BOUND
 
 
-def test_fused_gate_up_equals_two_blockwise_products() -> None:
-    _check_gate_up(_gate_up_fused_and_separate("cpu", emulate=True), same=0.0)
+@pytest.mark.parametrize("grouped", [True, False])
+def test_fused_gate_up_equals_two_blockwise_products(grouped: bool) -> None:
+    _check_gate_up(_gate_up_fused_and_separate("cpu", emulate=True, grouped=grouped), same=0.0)
+
+
+def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    h, mtp = model(ids, return_hidden=True)
+    return model_loss(model.head.weight, h, mtp, ids, 0.3).total
+
+
+def test_converted_model_runs_gate_and_up_as_one_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After `convert_to_fp8(recipe="blockwise")` every SwiGLU (the dense layer's FFN, the shared
+    experts, MTP's) and every routed-experts module runs its gate and up projections as one FP8
+    product: the loss is that of the same model with them run as separate products, the gradients
+    agree to one bf16 rounding. A projection excluded from FP8 turns the fusion off for its layer."""
+    calls = {"dense": 0, "grouped": 0}
+    for key, op in (("dense", "_fp8_gate_up_op"), ("grouped", "_fp8_grouped_gate_up_op")):
+        real = getattr(fp8, op)
+        monkeypatch.setattr(fp8, op, lambda *a, _r=real, _k=key: calls.__setitem__(_k, calls[_k] + 1) or _r(*a))
+    torch.manual_seed(0)
+    cfg = tiny_model_config(**{"dense_intermediate_size": 128, "moe.expert_intermediate_size": 128})
+    base = DeepSeekV3(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    swiglus = sum(isinstance(m, SwiGLU) for m in base.modules())
+    separate = {"fp8_gate_up": lambda x, w1, w3, e, dt: (fp8.fp8_linear(x, w1, "blockwise", e, dt),
+                                                         fp8.fp8_linear(x, w3, "blockwise", e, dt)),
+                "fp8_grouped_gate_up": lambda x, w1, w3, o, e: (fp8_grouped_linear(x, w1, o, e, "blockwise"),
+                                                                fp8_grouped_linear(x, w3, o, e, "blockwise"))}
+    results = []
+    for fused in (True, False):
+        model = copy.deepcopy(base)
+        convert_to_fp8(model, recipe="blockwise", emulate=True)
+        with monkeypatch.context() as patch:
+            if not fused:  # the same FP8 projections, one product each
+                for name, fn in separate.items():
+                    patch.setattr(fp8, name, fn)
+            calls.update(dense=0, grouped=0)
+            loss = _loss(model, ids)
+            loss.backward()
+        expected = {"dense": swiglus, "grouped": cfg.num_layers - cfg.first_dense_layers + cfg.mtp_depth}
+        assert calls == (expected if fused else {"dense": 0, "grouped": 0}), calls
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_f, grads_f), (loss_s, grads_s) = results
+    assert torch.equal(loss_f, loss_s)
+    assert max(rel(a, b) for a, b in zip(grads_f, grads_s, strict=True) if b is not None and b.abs().sum() > 0) < 2e-2
+    model = copy.deepcopy(base)
+    convert_to_fp8(model, recipe="blockwise", emulate=True, exclude=[*fp8.DEFAULT_EXCLUDE, "up_proj"])
+    calls.update(dense=0, grouped=0)
+    _loss(model, ids).backward()
+    assert calls["dense"] == 0 and calls["grouped"] > 0
 
 
 @pytest.mark.skipif(not has_triton, reason="triton is not installed")
@@ -397,8 +451,9 @@ print(max(rel(a, b) for a, b in zip(kernel["fused"], emulated["fused"], strict=T
 
 @pytest.mark.gpu
 @block_fp8_gpu
-def test_fused_gate_up_kernels_match_separate_products_on_gpu() -> None:
-    _check_gate_up(_gate_up_fused_and_separate("cuda", emulate=False), same=1e-6)
+@pytest.mark.parametrize("grouped", [True, False])
+def test_fused_gate_up_kernels_match_separate_products_on_gpu(grouped: bool) -> None:
+    _check_gate_up(_gate_up_fused_and_separate("cuda", emulate=False, grouped=grouped), same=1e-6)
 
 
 def test_fp8_experts_run_gate_and_up_as_one_product(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_deepseek.config import ConfigError
-from lit_deepseek.model.moe import GroupedExperts
+from lit_deepseek.model.moe import GroupedExperts, SwiGLU
 from lit_deepseek.precision import compute_dtype
 
 E4M3 = torch.float8_e4m3fn
@@ -630,19 +630,87 @@ def _cat_e4m3(parts: Sequence[Tensor], dim: int) -> Tensor:
     return torch.cat([p.view(torch.uint8) for p in parts], dim).view(torch.float8_e4m3fn)
 
 
-# The gate and up products of the routed experts share their input: under the blockwise recipe they
-# run as one product over both weights' 128x128 blocks side by side, so x is quantized once (twice
-# in the backward: along the channels and along the tokens), and each pass makes one grouped product
-# and one operator dispatch fewer. Each weight is quantized on its own, so when the intermediate size
-# is a multiple of 128 (no block straddles the two weights) the quantized operands are exactly those
-# of two separate products.
+# SwiGLU's gate and up products share their input: under the blockwise recipe they run as one
+# product over both weights' 128x128 blocks side by side, so x is quantized once per pass (along the
+# channels forward, along the tokens backward), the output gradient once, and each pass makes one
+# product and one operator dispatch fewer. Each weight is quantized on its own and the intermediate
+# size N is a multiple of 128 (no tile or block straddles the two weights), so the quantized operands
+# are exactly those of two separate products. The helpers below serve the dense layers (w [N, K],
+# cuBLAS) and the routed experts (w [E, N, K], the grouped kernels) alike.
+def _gate_up_forward(x: Tensor, w1: Tensor, w3: Tensor, product: Any) -> Tensor:
+    """[M, 2N]: x @ w1.T in the first N columns, x @ w3.T in the last N; product(xq, sx, wq, sw)."""
+    (q1, s1), (q3, s3) = _q_128x128(w1), _q_128x128(w3)
+    return product(*_q_1x128(x), _cat_e4m3((q1, q3), -2), torch.cat((s1, s3), -2))
+
+
+def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any,
+                      wgrad: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw1, dw3) for the output gradient g [M, 2N]: one input-gradient product contracting over
+    both weights (2N), one weight-gradient product wgrad(gq, sg, xq, sx) per weight."""
+    n, k = w1.shape[-2:]
+    (t1, st1), (t3, st3) = _q_128x128(w1.transpose(-2, -1)), _q_128x128(w3.transpose(-2, -1))
+    gq, sg, gq_t, sg_t = _q_1x128_dual(g.contiguous())
+    dx = product(gq, sg, _cat_e4m3((t1, t3), -1), torch.cat((st1, st3), -1))
+    xq_t, sx_t = _q_1x128_t(x)
+    dw1, dw3 = (wgrad(gq_t[rows], sg_t[rows], xq_t, sx_t) for rows in (slice(0, n), slice(n, 2 * n)))
+    return _fresh(dx, k, x.dtype), _fresh(dw1, k, w1.dtype), _fresh(dw3, k, w3.dtype)
+
+
+def _check_gate_up(w1: Tensor, w3: Tensor) -> None:
+    if w1.shape[-2] % BLOCK or w3.shape != w1.shape:
+        raise ValueError(f"fp8 gate/up: w1 {tuple(w1.shape)} and w3 {tuple(w3.shape)} must have the same shape, "
+                         f"with the intermediate size a multiple of {BLOCK}")
+
+
+def _fresh_like(*ts: Tensor) -> tuple[Tensor, ...]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts)
+
+
+@torch.library.custom_op("lit_deepseek::fp8_gate_up", mutates_args=())
+def _fp8_gate_up_op(x: Tensor, w1: Tensor, w3: Tensor, emulate: bool, out_dtype: torch.dtype) -> Tensor:
+    """x [M, K] times w1 [N, K].T and w3 [N, K].T -> [M, 2N] in out_dtype (blockwise FP8)."""
+    out = _gate_up_forward(x, w1, w3, lambda a, sa, b, sb: blockwise_mm_t(a, sa, b, sb, True, emulate))
+    return _fresh(out, 2 * w1.shape[0], out_dtype)
+
+
+@_fp8_gate_up_op.register_fake
+def _(x: Tensor, w1: Tensor, w3: Tensor, emulate: bool, out_dtype: torch.dtype) -> Tensor:
+    return x.new_empty(x.shape[0], 2 * w1.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("lit_deepseek::fp8_gate_up_backward", mutates_args=())
+def _fp8_gate_up_backward_op(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, emulate: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _gate_up_backward(g, x, w1, w3, lambda a, sa, b, sb: blockwise_mm_t(a, sa, b, sb, True, emulate),
+                             lambda a, sa, b, sb: blockwise_mm_t(a, sa, b, sb, False, emulate))
+
+
+@_fp8_gate_up_backward_op.register_fake
+def _(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, emulate: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _fresh_like(x, w1, w3)
+
+
+def _fp8_gate_up_backward(ctx: Any, g: Tensor) -> tuple:
+    x, w1, w3 = ctx.saved_tensors
+    emulate, _ = ctx.args
+    return (*_fp8_gate_up_backward_op(g, x, w1, w3, emulate), None, None)
+
+
+_fp8_gate_up_op.register_autograd(_fp8_gate_up_backward, setup_context=_save_inputs)
+
+
+def fp8_gate_up(x: Tensor, w1: Tensor, w3: Tensor, emulate: bool = False,
+                out_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """Differentiable (x @ w1.T, x @ w3.T) for x [M, K] and w1, w3 [N, K] (N a multiple of 128), in
+    block-scaled FP8 as one product; the values of two blockwise `fp8_linear` calls, up to float32
+    summation order in the input gradient."""
+    _check_gate_up(w1, w3)
+    return _fp8_gate_up_op(x, w1, w3, emulate, out_dtype).split(w1.shape[0], dim=-1)
+
+
 @torch.library.custom_op("lit_deepseek::fp8_grouped_gate_up", mutates_args=())
 def _fp8_grouped_gate_up_op(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
-    """Rows of x [M, K] sorted by group, times w1[e].T and w3[e].T (each [E, N, K], N a multiple of
-    128) -> bf16 [M, 2N]: the gate product in the first N columns, the up product in the last N."""
-    xq, sx = _q_1x128(x)
-    (q1, s1), (q3, s3) = _q_128x128(w1), _q_128x128(w3)
-    out = blockwise_grouped_mm_t(xq, sx, _cat_e4m3((q1, q3), 1), torch.cat((s1, s3), 1), offsets, emulate)
+    """Rows of x [M, K] sorted by group, times w1[e].T and w3[e].T (each [E, N, K]) -> bf16 [M, 2N]."""
+    out = _gate_up_forward(x, w1, w3, lambda a, sa, b, sb: blockwise_grouped_mm_t(a, sa, b, sb, offsets, emulate))
     return _fresh(out, 2 * w1.shape[1], torch.bfloat16)
 
 
@@ -654,44 +722,31 @@ def _(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool) -> Tens
 @torch.library.custom_op("lit_deepseek::fp8_grouped_gate_up_backward", mutates_args=())
 def _fp8_grouped_gate_up_backward_op(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor,
                                      emulate: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dw1, dw3) of `fp8_grouped_gate_up` for the output gradient g [M, 2N]: one input-gradient
-    product over both weights (contraction over 2N), one weight-gradient product per weight."""
-    (_e, n, k), g = w1.shape, g.contiguous()
-    (t1, st1), (t3, st3) = _q_128x128(w1.transpose(-2, -1)), _q_128x128(w3.transpose(-2, -1))
-    gq, sg, gq_t, sg_t = _q_1x128_dual(g)
-    dx = blockwise_grouped_mm_t(gq, sg, _cat_e4m3((t1, t3), 2), torch.cat((st1, st3), 2), offsets, emulate)
-    xq_t, sx_t = _q_1x128_t(x)
-    dw1 = _blockwise_grouped_wgrad_q(gq_t[:n], sg_t[:n], xq_t, sx_t, offsets, emulate)
-    dw3 = _blockwise_grouped_wgrad_q(gq_t[n:2 * n], sg_t[n:2 * n], xq_t, sx_t, offsets, emulate)
-    return _fresh(dx, k, x.dtype), _fresh(dw1, k, w1.dtype), _fresh(dw3, k, w3.dtype)
+    return _gate_up_backward(
+        g, x, w1, w3, lambda a, sa, b, sb: blockwise_grouped_mm_t(a, sa, b, sb, offsets, emulate),
+        lambda a, sa, b, sb: _blockwise_grouped_wgrad_q(a, sa, b, sb, offsets, emulate))
 
 
 @_fp8_grouped_gate_up_backward_op.register_fake
 def _(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool) -> tuple[Tensor, Tensor, Tensor]:
-    fresh = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
-    return fresh(x), fresh(w1), fresh(w3)
+    return _fresh_like(x, w1, w3)
 
 
 def _fp8_grouped_gate_up_backward(ctx: Any, g: Tensor) -> tuple:
     x, w1, w3, offsets = ctx.saved_tensors
     (emulate,) = ctx.args
-    dx, dw1, dw3 = _fp8_grouped_gate_up_backward_op(g, x, w1, w3, offsets, emulate)
-    return dx, dw1, dw3, None, None
+    return (*_fp8_grouped_gate_up_backward_op(g, x, w1, w3, offsets, emulate), None, None)
 
 
 _fp8_grouped_gate_up_op.register_autograd(_fp8_grouped_gate_up_backward, setup_context=_save_inputs)
 
 
 def fp8_grouped_gate_up(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool = False) -> tuple[Tensor, Tensor]:
-    """Differentiable (gate, up) = (x_e @ w1[e].T, x_e @ w3[e].T) of the routed experts, bf16, in
-    block-scaled FP8 as one product (see above); the same values as two `fp8_grouped_linear` calls
-    with recipe="blockwise", up to float32 summation order. Needs the intermediate size N (w1 [E, N,
-    K]) to be a multiple of 128."""
-    n = w1.shape[1]
-    if n % BLOCK or w3.shape != w1.shape:
-        raise ValueError(f"fp8_grouped_gate_up: w1 {tuple(w1.shape)} and w3 {tuple(w3.shape)} must have the same "
-                         f"shape, with the intermediate size a multiple of {BLOCK}")
-    return _fp8_grouped_gate_up_op(x, w1, w3, offsets, emulate).split(n, dim=-1)
+    """Differentiable (gate, up) = (x_e @ w1[e].T, x_e @ w3[e].T) of the routed experts (w1, w3 [E, N,
+    K], N a multiple of 128), bf16, in block-scaled FP8 as one grouped product; the values of two
+    blockwise `fp8_grouped_linear` calls, up to float32 summation order in the input gradient."""
+    _check_gate_up(w1, w3)
+    return _fp8_grouped_gate_up_op(x, w1, w3, offsets, emulate).split(w1.shape[1], dim=-1)
 
 
 def fp8_blockwise_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = False) -> Tensor:
@@ -718,6 +773,25 @@ class Float8GroupedExperts(GroupedExperts):
         else:
             gate, up = fp8_grouped_linear(x, self.w1, offsets, e, r), fp8_grouped_linear(x, self.w3, offsets, e, r)
         return fp8_grouped_linear(F.silu(gate) * up, self.w2, offsets, e, r).to(x.dtype)
+
+
+class Float8SwiGLU(SwiGLU):
+    """Dense SwiGLU (the dense layers' FFN, the shared experts) whose gate and up projections run as
+    one FP8 product (`fp8_gate_up`) when both are blockwise `Float8Linear`s with plain (not tensor-
+    parallel) weights, no bias and an intermediate size that is a multiple of 128; otherwise, as
+    SwiGLU, one product per projection. Same parameters and state dict as SwiGLU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_proj, self.up_proj
+        fused = (all(isinstance(m, Float8Linear) and m.fp8_enabled and m.fp8_recipe == "blockwise"
+                     and m.bias is None and not _is_dtensor(m.weight) for m in (gate, up))
+                 and gate.fp8_emulate == up.fp8_emulate and not _is_dtensor(x)
+                 and gate.weight.shape == up.weight.shape and gate.weight.shape[0] % BLOCK == 0)
+        if not fused:
+            return super().forward(x)
+        emulate = gate.fp8_emulate if gate.fp8_emulate is not None else not x.is_cuda
+        g, u = fp8_gate_up(x.reshape(-1, x.shape[-1]), gate.weight, up.weight, emulate, compute_dtype(x))
+        return self.down_proj((F.silu(g) * u).view(*x.shape[:-1], -1))
 
 
 def float8_experts_class() -> type:
@@ -777,6 +851,8 @@ def convert_to_fp8(module: nn.Module, recipe: str = "rowwise", exclude: Sequence
         w = sub.weight if isinstance(sub, nn.Linear) else getattr(sub, "w1", None)
         if recipe == "rowwise" and w is not None and not _is_dtensor(w) and not _aligned(*w.shape[-2:]):
             continue  # the row-wise kernels need dimensions that are multiples of 16
+        if recipe == "blockwise" and _swap_class(sub, SwiGLU, Float8SwiGLU):
+            continue  # its projections are converted below; it runs them as one product when it can
         if _swap_class(sub, nn.Linear, Float8Linear):
             kind = "linear"
         elif experts and _swap_class(sub, GroupedExperts, Float8GroupedExperts):
