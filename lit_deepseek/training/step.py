@@ -232,11 +232,12 @@ def train_step(plan: Plan, model: nn.Module, batch: dict, optimizer: Any, traini
     """
     parts = plan.model_parts(model)
     loss = plan.forward_backward(model, batch, training.micro_batch_size, loss_fn, backward)
-    grad_norm = None
-    if torch.isfinite(loss.total):
-        grad_norm = plan.clip_grad_norm([p for part in parts for p in part.parameters()], training.grad_clip)
-    # a finite loss can still come with an overflowing gradient; stepping on it would poison the weights
-    if grad_norm is None or not torch.isfinite(grad_norm):
+    # The norm and the clip are queued behind the backward whatever the loss, so the step waits for
+    # the device once, on the finiteness of both (and every rank joins the norm's collectives). A
+    # finite loss can still come with an overflowing gradient; stepping on either would poison the
+    # weights.
+    grad_norm = plan.clip_grad_norm([p for part in parts for p in part.parameters()], training.grad_clip)
+    if not bool(torch.isfinite(loss.total) & torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         for layer in moe_layers(parts):
             layer.reset_stats()
