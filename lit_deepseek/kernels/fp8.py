@@ -268,8 +268,8 @@ def _pad_k_to_512(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor) -> tuple[Tenso
 
 def _blockwise_mm_t_impl(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, b_blocks: bool) -> Tensor:
     """Runs inside the opaque FP8 ops (`fp8_linear` and its backward), as a plain call: one operator
-    dispatch per FP8 layer call, none per inner product. aq [M, Kp] e4m3 with 1x128 scales sa [M, Kt]; bq [N, Kp] e4m3 with 128x128 scales [N/128, Kt]
-    (b_blocks) or 1x128 scales [N, Kt] -> bf16 [M, N] by cuBLAS block scaling (Hopper):
+    dispatch per FP8 layer call, none per inner product. aq [M, Kp] e4m3 with 1x128 scales sa [M, Kt];
+    bq [N, Kp] e4m3 with 128x128 scales [N/128, Kt] (b_blocks) or 1x128 scales [N, Kt] -> bf16 [M, N] by cuBLAS block scaling (Hopper):
     `torch.nn.functional.scaled_mm` with the recipe of each operand named, or on torch without it
     `torch._scaled_mm` with K padded to a multiple of 512 (its shape-inferred recipe needs aligned
     scale rows)."""
@@ -656,8 +656,14 @@ def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any
     return _fresh(dx, k, x.dtype), _fresh(dw1, k, w1.dtype), _fresh(dw3, k, w3.dtype)
 
 
+def gate_up_fusable(w1: Tensor, w3: Tensor) -> bool:
+    """Whether gate and up weights (w [N, K] or [E, N, K]) can run as one blockwise product: the same
+    shape, with the intermediate size N a multiple of 128."""
+    return w3.shape == w1.shape and w1.shape[-2] % BLOCK == 0
+
+
 def _check_gate_up(w1: Tensor, w3: Tensor) -> None:
-    if w1.shape[-2] % BLOCK or w3.shape != w1.shape:
+    if not gate_up_fusable(w1, w3):
         raise ValueError(f"fp8 gate/up: w1 {tuple(w1.shape)} and w3 {tuple(w3.shape)} must have the same shape, "
                          f"with the intermediate size a multiple of {BLOCK}")
 
@@ -768,7 +774,7 @@ class Float8GroupedExperts(GroupedExperts):
         e = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
         x = x.to(compute_dtype(x))  # as GroupedExperts: the autocast dtype under mixed precision
         r = self.fp8_recipe
-        if r == "blockwise" and self.w1.shape[1] % BLOCK == 0:  # gate and up as one product
+        if r == "blockwise" and gate_up_fusable(self.w1, self.w3):  # gate and up as one product
             gate, up = fp8_grouped_gate_up(x, self.w1, self.w3, offsets, e)
         else:
             gate, up = fp8_grouped_linear(x, self.w1, offsets, e, r), fp8_grouped_linear(x, self.w3, offsets, e, r)
@@ -786,7 +792,7 @@ class Float8SwiGLU(SwiGLU):
         fused = (all(isinstance(m, Float8Linear) and m.fp8_enabled and m.fp8_recipe == "blockwise"
                      and m.bias is None and not _is_dtensor(m.weight) for m in (gate, up))
                  and gate.fp8_emulate == up.fp8_emulate and not _is_dtensor(x)
-                 and gate.weight.shape == up.weight.shape and gate.weight.shape[0] % BLOCK == 0)
+                 and gate_up_fusable(gate.weight, up.weight))
         if not fused:
             return super().forward(x)
         emulate = gate.fp8_emulate if gate.fp8_emulate is not None else not x.is_cuda
