@@ -62,6 +62,7 @@ class Row:
     fp8_recipe: str = "blockwise"
     mtp: int = 1
     checkpoint_every: int = 0  # 0: no periodic save during the timed steps
+    graphs: bool = True  # training.cuda_graphs (the default); a row named ...-nograph runs the eager step
 
     @property
     def name(self) -> str:
@@ -71,6 +72,8 @@ class Row:
             parts.append("fp8" if self.fp8_recipe == "blockwise" else f"fp8{self.fp8_recipe}")
         if self.checkpoint_every:
             parts.append(f"ckpt{self.checkpoint_every}")
+        if not self.graphs:
+            parts.append("nograph")
         return "-".join(parts)
 
 
@@ -89,6 +92,18 @@ def default_rows() -> list[Row]:
     return rows
 
 
+def select_rows(wanted: list[str]) -> list[Row]:
+    """The named rows in the order asked; NAME-nograph is row NAME with `training.cuda_graphs: false`."""
+    known = {r.name: r for r in default_rows()}
+    rows = []
+    for name in wanted:
+        base = name.removesuffix("-nograph")
+        if base not in known:
+            raise SystemExit(f"--rows: unknown row {name!r}; rows: {', '.join(known)} (each also as NAME-nograph)")
+        rows.append(dataclasses.replace(known[base], graphs=name == base))
+    return rows
+
+
 # ------------------------------------------------------------------------------------ product rows
 def fit_command(row: Row, run_dir: Path, steps: int, log_every_n_steps: int) -> list[str]:
     cmd = [sys.executable, "-m", "lit_deepseek", "fit"]
@@ -102,6 +117,7 @@ def fit_command(row: Row, run_dir: Path, steps: int, log_every_n_steps: int) -> 
             "--training.global_batch_size", str(row.global_batch), "--training.max_steps", str(steps),
             "--training.precision", row.precision, "--training.compile", str(row.compile).lower(),
             "--training.use_fp8", str(row.fp8).lower(), "--training.fp8_recipe", row.fp8_recipe,
+            "--training.cuda_graphs", str(row.graphs).lower(),
             "--training.lr_warmup_steps", "2",
             "--training.val_every_n_steps", str(10 * steps), "--training.val_batches", "1",
             "--model.mtp_depth", str(row.mtp),
@@ -141,7 +157,8 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"name": row.name, "error": " | ".join(tail)}
-    hist = metric_history(run_dir, ["train/loss", "train/mfu", "train/max_memory_gib", "train/compiled_graphs"])
+    hist = metric_history(run_dir, ["train/loss", "train/mfu", "train/max_memory_gib", "train/compiled_graphs",
+                                    "train/cuda_graphs"])
     losses = hist["train/loss"]
     stamps = [m.timestamp / 1e3 for m in losses]
     cfg = load_config(*CONFIGS[row.config], overrides={
@@ -167,6 +184,7 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
         "peak_gib": max((m.value for m in hist["train/max_memory_gib"]), default=float("nan")),
         "estimate_gib": cfg.memory_estimate(world_size=1)["total"],
         "compiled_graphs": [m.value for m in hist["train/compiled_graphs"]],
+        "cuda_graphs": [m.value for m in hist["train/cuda_graphs"]],
         "step_s_median": statistics.median(step_times),
     }
     if row.checkpoint_every:
@@ -243,21 +261,22 @@ def run_hf(config: str, seq: int, batch: int, compiled: bool, steps: int, warmup
 # ------------------------------------------------------------------------------------ report
 def fmt(rows: list[dict[str, Any]]) -> str:
     head = ("| run | tokens/s | MFU (989) | step s | startup s | peak GiB | estimate GiB | ckpt stall s | "
-            "graphs (first, last) | loss first -> last |")
-    lines = [head, "|" + "---|" * 10]
+            "compiled graphs (first, last) | CUDA graphs (last) | loss first -> last |")
+    lines = [head, "|" + "---|" * 11]
 
     def f(v: Any, spec: str) -> str:
         return "" if v is None or v != v else format(v, spec)
 
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error'][:160]} |" + " |" * 8)
+            lines.append(f"| {r['name']} | error: {r['error'][:160]} |" + " |" * 9)
             continue
         graphs = r.get("compiled_graphs") or []
         lines.append(
             f"| {r['name']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {f(r.get('step_s_median'), '.3f')} | "
             f"{f(r.get('startup_s'), '.1f')} | {f(r.get('peak_gib'), '.1f')} | {f(r.get('estimate_gib'), '.1f')} | "
             f"{f(r.get('checkpoint_stall_s'), '.2f')} | {f'{graphs[0]:.0f}, {graphs[-1]:.0f}' if graphs else ''} | "
+            f"{f(cuda[-1], '.0f') if (cuda := r.get('cuda_graphs')) else ''} | "
             f"{f(r.get('loss_first'), '.3f')} -> {f(r.get('loss_last'), '.3f')} |")
     return "\n".join(lines)
 
@@ -280,8 +299,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = default_rows()
     if args.rows:
-        wanted = args.rows.split(",")
-        rows = [r for r in rows if r.name in wanted]
+        rows = select_rows(args.rows.split(","))
     results: list[dict[str, Any]] = []
 
     def save() -> None:

@@ -273,8 +273,9 @@ def speed(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> l
         base = None
         name, micro = SPEED[config]
         for variant in args.recipes.split(","):
-            fp8, recipe = VARIANTS[variant]
-            row = bench_fit.Row(name, 4096, micro=micro, global_batch=micro, fp8=fp8, fp8_recipe=recipe)
+            fp8, recipe = VARIANTS[variant.removesuffix("-nograph")]  # -nograph: training.cuda_graphs false
+            row = bench_fit.Row(name, 4096, micro=micro, global_batch=micro, fp8=fp8, fp8_recipe=recipe,
+                                graphs=not variant.endswith("-nograph"))
             left = deadline - time.time()
             if left < 90:
                 lines.append(f"| {config} | {row.name} | skipped (budget) | | | |")
@@ -312,7 +313,8 @@ def main() -> None:
     ap.add_argument("--seed-a", type=int, default=1234)
     ap.add_argument("--seed-b", type=int, default=4321)
     ap.add_argument("--speed-configs", default="small,large", help="comma list of: small, large")
-    ap.add_argument("--recipes", default="bf16,fp8-blockwise,fp8-rowwise", help="speed variants")
+    ap.add_argument("--recipes", default="bf16,fp8-blockwise,fp8-rowwise",
+                    help="speed variants (each also as NAME-nograph: without CUDA graphs)")
     ap.add_argument("--speed-steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4, help="speed: steps before timing starts")
     ap.add_argument("--run-limit-s", type=float, default=200, help="hard limit of one speed run")

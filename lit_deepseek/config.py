@@ -229,6 +229,9 @@ class TrainingConfig:
     """Recompute activations per block: none, full blocks, or selective (MoE experts only)."""
     compile: bool = False
     """Regional torch.compile of each transformer block (fuses norms, RoPE, SwiGLU, routing; GPU speed lever)."""
+    cuda_graphs: bool = True
+    """One process on a GPU: after two eager steps, replay each micro-batch's forward + backward as a CUDA graph
+    (removes the host's launch time); with activation checkpointing, expert capacity, 16-mixed or 32-true, steps run eagerly."""
     seed: int = 1234
     """Seed for initialisation, data order and dropout-free determinism."""
     deterministic: bool = False

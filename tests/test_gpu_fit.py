@@ -60,6 +60,14 @@ def assert_learns(history: dict[str, list[tuple[int, float]]], steps: int) -> No
     assert "val/loss" in history
 
 
+def assert_graphed(proc: subprocess.CompletedProcess, history: dict[str, list[tuple[int, float]]], graphs: int) -> None:
+    """The default `training.cuda_graphs`: the step was captured (one graph, two with accumulation) and
+    replayed through the last step, with no fallback warning."""
+    captured = [v for _, v in history["train/cuda_graphs"]]
+    assert captured[0] == 0 and captured[-1] == graphs, captured
+    assert "without CUDA graphs" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("precision,compile_,steps", [("bf16-mixed", True, 18), ("bf16-true", False, 8),
                                                       ("32-true", False, 8)])
 def test_fit_on_gpu_learns(tmp_path: Path, precision: str, compile_: bool, steps: int) -> None:
@@ -69,6 +77,9 @@ def test_fit_on_gpu_learns(tmp_path: Path, precision: str, compile_: bool, steps
     assert_learns(history, steps)
     if precision != "32-true":
         assert "reference loop" not in proc.stderr  # bf16 compute takes grouped GEMM
+        assert_graphed(proc, history, 2)  # the demo config's 2 micro-batches per step
+    else:  # float32 experts take the reference loop, which the graphs cannot hold: said, not silent
+        assert "training.precision is 32-true" in proc.stderr
     if compile_:
         # warm-up = the first training steps and the first validation (eval graphs); after that
         # nothing compiles again, through the second validation at step 12 included
@@ -78,11 +89,12 @@ def test_fit_on_gpu_learns(tmp_path: Path, precision: str, compile_: bool, steps
 
 def test_fit_on_gpu_fp8_with_accumulation_and_mtp(tmp_path: Path) -> None:
     """FP8 (the default recipe) under bf16-mixed, with compile, 4 micro-batches per step and MTP."""
-    _, run_dir = fit(tmp_path, "--training.use_fp8", "true", "--training.compile", "true",
-                     "--training.precision", "bf16-mixed",
-                     "--training.micro_batch_size", "4", "--training.global_batch_size", "16")
+    proc, run_dir = fit(tmp_path, "--training.use_fp8", "true", "--training.compile", "true",
+                        "--training.precision", "bf16-mixed",
+                        "--training.micro_batch_size", "4", "--training.global_batch_size", "16")
     _, history = metrics(run_dir)
     assert_learns(history, 12)
+    assert_graphed(proc, history, 2)
     assert "train/mtp_loss" in history
 
 
@@ -94,9 +106,10 @@ def test_fit_on_gpu_resumes_into_the_same_run(tmp_path: Path) -> None:
     proc, run_dir = fit(tmp_path, *accumulate, steps=6)
     assert "reference loop" not in proc.stderr  # mixed precision takes grouped GEMM
     first_id, first = metrics(run_dir)
-    _, run_dir = fit(tmp_path, *accumulate, "--ckpt_path", "last", steps=12)
+    proc, run_dir = fit(tmp_path, *accumulate, "--ckpt_path", "last", steps=12)
     run_id, history = metrics(run_dir)
     assert run_id == first_id
+    assert_graphed(proc, history, 2)  # captured again after the resume's own warm-up
     assert [s for s, _ in history["train/loss"]] == list(range(12))
     assert history["train/loss"][:6] == first["train/loss"]
     assert_learns(history, 12)

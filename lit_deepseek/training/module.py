@@ -63,6 +63,7 @@ class DeepSeekLightningModule(L.LightningModule):
         self.model: Optional[nn.Module] = None
         self.run_config = DeepSeekConfig(model=model, training=training, parallel=self.parallel_config)
         self._loss = make_loss_fn(model, training)
+        self._local_plan = LocalPlan(cuda_graphs=training.cuda_graphs)
         self.expert_balance: Optional[ExpertBalance] = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -83,7 +84,7 @@ class DeepSeekLightningModule(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, DeepSeekStrategy) and strategy.plan is not None:
             return strategy.plan
-        return _LOCAL_PLAN
+        return self._local_plan
 
     @property
     def datamodule(self) -> Optional[DeepSeekDataModule]:
@@ -125,6 +126,11 @@ class DeepSeekLightningModule(L.LightningModule):
         peak = self._peak_flops()
         self._throughput = Throughput(available_flops=peak, world_size=world, window_size=3)
         self._t0 = time.perf_counter()
+        if self.training_config.cuda_graphs and self.device.type == "cuda" and self.plan is not self._local_plan:
+            import warnings
+
+            warnings.warn("training.cuda_graphs: the parallel strategy's steps run without CUDA graphs (they cover "
+                          "single-process steps)", stacklevel=1)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         t = self.training_config
@@ -216,6 +222,9 @@ class DeepSeekLightningModule(L.LightningModule):
                 metrics["train/mfu"] = tp["device/mfu"]
         if self.device.type == "cuda":
             metrics["train/max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            graphs = self._local_plan._graphs if self.plan is self._local_plan else None
+            # micro-batch graphs in use: 0 during the eager warm-up steps or when they are off
+            metrics["train/cuda_graphs"] = float(graphs.captured if graphs is not None and graphs.off is None else 0)
         if t.compile:
             from torch._dynamo.utils import counters
 
@@ -324,4 +333,3 @@ def _newest_checkpoint(trainer: Any) -> Optional[str]:
     return str(found[0]) if found else None
 
 
-_LOCAL_PLAN = LocalPlan()

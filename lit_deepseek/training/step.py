@@ -100,15 +100,40 @@ def make_loss_fn(model_cfg: ModelConfig, training: TrainingConfig) -> LossFn:
 
 
 class LocalPlan:
-    """Everything on one process: gradient accumulation over the step's micro-batches."""
+    """Everything on one process: gradient accumulation over the step's micro-batches.
+
+    With ``cuda_graphs`` (``training.cuda_graphs``, on by default) and the model on a GPU, each
+    micro-batch's forward, loss and backward is replayed as a CUDA graph after the first steps
+    (`lit_deepseek.training.cuda_graphs`); otherwise, and on CPU, the steps run eagerly.
+    """
 
     data_parallel_rank: int = 0
     data_parallel_size: int = 1
 
+    def __init__(self, cuda_graphs: bool = False) -> None:
+        self.cuda_graphs = cuda_graphs
+        self._graph_blockers: list[str] = []
+        self._graphs: Any = None
+
     def parallelize(self, model: nn.Module, cfg: DeepSeekConfig) -> nn.Module:
         from lit_deepseek.parallel.parallelize import parallelize
+        from lit_deepseek.training.cuda_graphs import graph_blockers
 
+        self._graph_blockers = graph_blockers(cfg)
         return parallelize(model, None, cfg).model
+
+    def graphs(self, model: nn.Module) -> Any:
+        """The model's `MicroBatchGraphs` when graphs are asked for and the model is on a GPU, else None."""
+        if not self.cuda_graphs:
+            return None
+        if self._graphs is None or self._graphs.model is not model:
+            param = next(model.parameters(), None)
+            if param is None or param.device.type != "cuda":
+                return None
+            from lit_deepseek.training.cuda_graphs import MicroBatchGraphs
+
+            self._graphs = MicroBatchGraphs(model, blockers=self._graph_blockers)
+        return self._graphs
 
     def model_parts(self, model: nn.Module) -> list[nn.Module]:
         return [model]
@@ -124,13 +149,17 @@ class LocalPlan:
         n = len(micro_batches)
         set_aux_loss_grad_scale([model], 1.0 / n)
         backward = backward or (lambda loss: loss.backward())
-        losses = []
-        for mb in micro_batches:
+
+        def micro_step(mb: dict) -> LossParts:
             h, mtp = model(mb["input_ids"], doc_ids=mb.get("doc_ids"), return_hidden=True)
             parts = loss_fn(model, h, mtp, mb["labels"])
             backward(parts.total / n)
-            losses.append(parts.detach())
-        return LossParts.mean(losses)
+            return parts.detach()
+
+        graphs = self.graphs(model)
+        if graphs is not None and graphs.off is None:
+            return LossParts.mean(graphs.run(micro_step, micro_batches))
+        return LossParts.mean([micro_step(mb) for mb in micro_batches])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch: dict, loss_fn: LossFn) -> LossParts:
