@@ -63,6 +63,7 @@ class Row:
     mtp: int = 1
     checkpoint_every: int = 0  # 0: no periodic save during the timed steps
     graphs: bool = True  # training.cuda_graphs (the default); a row named ...-nograph runs the eager step
+    weight_copy: bool = True  # training.bf16_weight_copy (the default); ...-nocopy: autocast casts per micro-batch
 
     @property
     def name(self) -> str:
@@ -74,6 +75,8 @@ class Row:
             parts.append(f"ckpt{self.checkpoint_every}")
         if not self.graphs:
             parts.append("nograph")
+        if not self.weight_copy:
+            parts.append("nocopy")
         return "-".join(parts)
 
 
@@ -93,14 +96,18 @@ def default_rows() -> list[Row]:
 
 
 def select_rows(wanted: list[str]) -> list[Row]:
-    """The named rows in the order asked; NAME-nograph is row NAME with `training.cuda_graphs: false`."""
+    """The named rows in the order asked; NAME-nograph is row NAME with `training.cuda_graphs: false`,
+    NAME-nocopy with `training.bf16_weight_copy: false` (both: NAME-nograph-nocopy)."""
     known = {r.name: r for r in default_rows()}
     rows = []
     for name in wanted:
-        base = name.removesuffix("-nograph")
-        if base not in known:
-            raise SystemExit(f"--rows: unknown row {name!r}; rows: {', '.join(known)} (each also as NAME-nograph)")
-        rows.append(dataclasses.replace(known[base], graphs=name == base))
+        base = name.removesuffix("-nocopy")
+        copy = base == name
+        graph_base = base.removesuffix("-nograph")
+        if graph_base not in known:
+            raise SystemExit(f"--rows: unknown row {name!r}; rows: {', '.join(known)} (each also as NAME-nograph, "
+                             "NAME-nocopy, NAME-nograph-nocopy)")
+        rows.append(dataclasses.replace(known[graph_base], graphs=graph_base == base, weight_copy=copy))
     return rows
 
 
@@ -118,6 +125,7 @@ def fit_command(row: Row, run_dir: Path, steps: int, log_every_n_steps: int) -> 
             "--training.precision", row.precision, "--training.compile", str(row.compile).lower(),
             "--training.use_fp8", str(row.fp8).lower(), "--training.fp8_recipe", row.fp8_recipe,
             "--training.cuda_graphs", str(row.graphs).lower(),
+            "--training.bf16_weight_copy", str(row.weight_copy).lower(),
             "--training.lr_warmup_steps", "2",
             "--training.val_every_n_steps", str(10 * steps), "--training.val_batches", "1",
             "--model.mtp_depth", str(row.mtp),

@@ -83,7 +83,8 @@ def test_graphed_steps_equal_eager_steps_on_gpu(compile_: bool, fp8: bool, micro
 
     cfg = gpu_config(micro, 8, compile_, fp8)
     gen = torch.Generator().manual_seed(0)
-    plan, eager = LocalPlan(cuda_graphs=True), LocalPlan()
+    # the product's defaults (graphs and the bf16 weight copy) against the plain autocast step
+    plan, eager = LocalPlan(cuda_graphs=True, weight_copy=True), LocalPlan()
     with torch.device("cuda"):
         model = DeepSeekV3(cfg.model)
     model.init_weights(seed=7)
@@ -114,3 +115,4 @@ def test_graphed_steps_equal_eager_steps_on_gpu(compile_: bool, fp8: bool, micro
         optimizer.zero_grad(set_to_none=True)
     # captured after the two warm-up steps: the first micro-batch's graph, and the next ones'
     assert plan.graphs(model).captured == (1 if micro == 8 else 2)
+    assert plan._copy is not None and len(plan._copy) > 0

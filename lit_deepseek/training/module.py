@@ -63,7 +63,7 @@ class DeepSeekLightningModule(L.LightningModule):
         self.model: Optional[nn.Module] = None
         self.run_config = DeepSeekConfig(model=model, training=training, parallel=self.parallel_config)
         self._loss = make_loss_fn(model, training)
-        self._local_plan = LocalPlan(cuda_graphs=training.cuda_graphs)
+        self._local_plan = LocalPlan(cuda_graphs=training.cuda_graphs, weight_copy=training.bf16_weight_copy)
         self.expert_balance: Optional[ExpertBalance] = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0

@@ -11,6 +11,7 @@ to remember it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Protocol
@@ -104,16 +105,21 @@ class LocalPlan:
 
     With ``cuda_graphs`` (``training.cuda_graphs``, on by default) and the model on a GPU, each
     micro-batch's forward, loss and backward is replayed as a CUDA graph after the first steps
-    (`lit_deepseek.training.cuda_graphs`); otherwise, and on CPU, the steps run eagerly.
+    (`lit_deepseek.training.cuda_graphs`); otherwise, and on CPU, the steps run eagerly. With
+    ``weight_copy`` (``training.bf16_weight_copy``, on by default) and a step under bf16 autocast,
+    the matmul weights are cast to bf16 once per step (`lit_deepseek.training.weight_copy`) instead
+    of once per micro-batch.
     """
 
     data_parallel_rank: int = 0
     data_parallel_size: int = 1
 
-    def __init__(self, cuda_graphs: bool = False) -> None:
+    def __init__(self, cuda_graphs: bool = False, weight_copy: bool = False) -> None:
         self.cuda_graphs = cuda_graphs
+        self.weight_copy = weight_copy
         self._graph_blockers: list[str] = []
         self._graphs: Any = None
+        self._copy: Any = None
 
     def parallelize(self, model: nn.Module, cfg: DeepSeekConfig) -> nn.Module:
         from lit_deepseek.parallel.parallelize import parallelize
@@ -134,6 +140,16 @@ class LocalPlan:
 
             self._graphs = MicroBatchGraphs(model, blockers=self._graph_blockers)
         return self._graphs
+
+    def weight_copies(self, model: nn.Module) -> Any:
+        """The model's `Bf16WeightCopy` when asked for and the step runs under bf16 autocast, else None."""
+        from lit_deepseek.training.weight_copy import Bf16WeightCopy, weight_copy_applies
+
+        if not self.weight_copy or not weight_copy_applies(model):
+            return None
+        if self._copy is None or self._copy.model is not model:
+            self._copy = Bf16WeightCopy(model)
+        return self._copy
 
     def model_parts(self, model: nn.Module) -> list[nn.Module]:
         return [model]
@@ -156,10 +172,14 @@ class LocalPlan:
             backward(parts.total / n)
             return parts.detach()
 
-        graphs = self.graphs(model)
-        if graphs is not None and graphs.off is None:
-            return LossParts.mean(graphs.run(micro_step, micro_batches))
-        return LossParts.mean([micro_step(mb) for mb in micro_batches])
+        graphs = self.graphs(model)  # made before the copies are swapped in: it holds the masters
+        copies = self.weight_copies(model)
+        if copies is not None:
+            copies.refresh()
+        with copies.swapped() if copies is not None else contextlib.nullcontext():
+            if graphs is not None and graphs.off is None:
+                return LossParts.mean(graphs.run(micro_step, micro_batches))
+            return LossParts.mean([micro_step(mb) for mb in micro_batches])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch: dict, loss_fn: LossFn) -> LossParts:
