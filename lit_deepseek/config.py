@@ -233,8 +233,9 @@ class TrainingConfig:
     """One process on a GPU: after two eager steps, replay each micro-batch's forward + backward as a CUDA graph
     (removes the host's launch time); with activation checkpointing, expert capacity, 16-mixed or 32-true, steps run eagerly."""
     bf16_weight_copy: bool = True
-    """One process under bf16-mixed: cast the matmul weights to a bf16 working copy once per optimizer step instead of
-    once per micro-batch (gradients still accumulate in float32 on the masters; same numbers as autocast's casts)."""
+    """One process under bf16-mixed with gradient accumulation: cast the matmul weights to a bf16 working copy once per
+    optimizer step instead of once per micro-batch (gradients still accumulate in float32 on the masters; same numbers
+    as autocast's casts)."""
     seed: int = 1234
     """Seed for initialisation, data order and dropout-free determinism."""
     deterministic: bool = False

@@ -115,4 +115,5 @@ def test_graphed_steps_equal_eager_steps_on_gpu(compile_: bool, fp8: bool, micro
         optimizer.zero_grad(set_to_none=True)
     # captured after the two warm-up steps: the first micro-batch's graph, and the next ones'
     assert plan.graphs(model).captured == (1 if micro == 8 else 2)
-    assert plan._copy is not None and len(plan._copy) > 0
+    if not fp8:  # the copy's hooks ran inside the graphs (FP8 layers quantize the masters themselves)
+        assert plan._copy is not None and len(plan._copy) > 0

@@ -106,6 +106,18 @@ def test_copy_is_off_without_bf16_autocast_and_masters_come_back_after_an_error(
     class Boom(Exception):
         pass
 
+    # a step of one micro-batch keeps autocast's casts: the weights multiply as float32 masters
+    seen: list[torch.dtype] = []
+    model.layers["0"].attn.q_a_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 17))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan.forward_backward(model, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, 2,
+                              make_loss_fn(cfg.model, cfg.training))
+        assert seen == [torch.float32]
+        plan.forward_backward(model, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, 1,
+                              make_loss_fn(cfg.model, cfg.training))
+        assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]
+
     with pytest.raises(Boom), copies.swapped():
         assert model.layers["0"].attn.q_a_proj.weight.dtype == torch.bfloat16
         raise Boom

@@ -106,9 +106,9 @@ class LocalPlan:
     With ``cuda_graphs`` (``training.cuda_graphs``, on by default) and the model on a GPU, each
     micro-batch's forward, loss and backward is replayed as a CUDA graph after the first steps
     (`lit_deepseek.training.cuda_graphs`); otherwise, and on CPU, the steps run eagerly. With
-    ``weight_copy`` (``training.bf16_weight_copy``, on by default) and a step under bf16 autocast,
-    the matmul weights are cast to bf16 once per step (`lit_deepseek.training.weight_copy`) instead
-    of once per micro-batch.
+    ``weight_copy`` (``training.bf16_weight_copy``, on by default) and a step of several
+    micro-batches under bf16 autocast, the matmul weights are cast to bf16 once per step
+    (`lit_deepseek.training.weight_copy`) instead of once per micro-batch.
     """
 
     data_parallel_rank: int = 0
@@ -149,7 +149,7 @@ class LocalPlan:
             return None
         if self._copy is None or self._copy.model is not model:
             self._copy = Bf16WeightCopy(model)
-        return self._copy
+        return self._copy if len(self._copy) else None  # e.g. every matmul already FP8
 
     def model_parts(self, model: nn.Module) -> list[nn.Module]:
         return [model]
@@ -173,7 +173,8 @@ class LocalPlan:
             return parts.detach()
 
         graphs = self.graphs(model)  # made before the copies are swapped in: it holds the masters
-        copies = self.weight_copies(model)
+        # one micro-batch casts each weight once anyway, in the compiled blocks, where the cast fuses
+        copies = self.weight_copies(model) if n > 1 else None
         if copies is not None:
             copies.refresh()
         with copies.swapped() if copies is not None else contextlib.nullcontext():
