@@ -9,7 +9,9 @@ with the graphs on (the default). On CPU: which settings keep a step eager.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -70,49 +72,61 @@ def test_graphs_asked_on_cpu_run_the_eager_step() -> None:
     assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1], strict=True))
 
 
+def compare_with_autocast_steps(plan: LocalPlan, model: torch.nn.Module, cfg: DeepSeekConfig, steps: int,
+                                loss_rtol: float, grad_bound: float, device: str = "cuda",
+                                after_step: Optional[Callable[[int], None]] = None) -> None:
+    """Every step, from the same weights: the plain autocast step's (`LocalPlan()`) loss and
+    gradients, then `plan`'s, compared (loss to `loss_rtol`, gradients to `grad_bound` relative
+    norm); the optimizer then steps on `plan`'s gradients, so `plan` also sees weights that change in
+    place. (Whole trajectories are not compared: the first AdamW steps turn the attention backward's
+    atomic-add rounding into lr-sized updates, and routing flips follow.)"""
+    t = cfg.training
+    optimizer, _ = build_optimizer(plan, model, cfg)
+    loss_fn = make_loss_fn(cfg.model, t)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(0)
+    reference = LocalPlan()
+    for step in range(steps):
+        ids = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_length + 1), generator=gen).to(device)
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+        runs = []
+        for p_ in (reference, plan):
+            # one autocast region per pass, as Lightning opens one per training step (its weight cache
+            # would otherwise hand the reference pass last step's bf16 weights)
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = p_.forward_backward(model, batch, t.micro_batch_size, loss_fn).total.item()
+            runs.append((loss, torch.cat([p.grad.flatten() for p in params])))
+            optimizer.zero_grad(set_to_none=True)
+        (l0, g0), (l1, g1) = runs
+        assert g1.dtype == torch.float32  # gradients accumulate on the float32 masters
+        assert abs(l1 - l0) <= loss_rtol * abs(l0), (step, l0, l1)
+        err = ((g1 - g0).norm() / g0.norm()).item()
+        assert err < grad_bound, (step, err)
+        for p, g in zip(params, torch.split(g1, [p.numel() for p in params]), strict=True):
+            p.grad = g.view_as(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compile_,fp8,micro", [(False, False, 2), (True, False, 2), (True, True, 8)])
 def test_graphed_steps_equal_eager_steps_on_gpu(compile_: bool, fp8: bool, micro: int) -> None:
-    """Every step, from the same weights: the eager plan's losses and gradients, then the graphed
-    plan's (its two warm-up steps, the capture, then replays), compared; the optimizer then steps on
-    the graphed gradients, so the graphs also see weights that change in place. (Whole trajectories
-    are not compared: the first AdamW steps turn the attention backward's atomic-add rounding into
-    lr-sized updates, and routing flips follow.)"""
+    """The graphed plan (its two warm-up steps, the capture, then replays) against the eager
+    autocast step, every step from the same weights (`compare_with_autocast_steps`)."""
     from lit_deepseek.model import DeepSeekV3
 
     cfg = gpu_config(micro, 8, compile_, fp8)
-    gen = torch.Generator().manual_seed(0)
     # the product's defaults (graphs and the bf16 weight copy) against the plain autocast step
-    plan, eager = LocalPlan(cuda_graphs=True, weight_copy=True), LocalPlan()
+    plan = LocalPlan(cuda_graphs=True, weight_copy=True)
     with torch.device("cuda"):
         model = DeepSeekV3(cfg.model)
     model.init_weights(seed=7)
     model = plan.parallelize(model, cfg)
-    optimizer, _ = build_optimizer(plan, model, cfg)
-    loss_fn = make_loss_fn(cfg.model, cfg.training)
-    params = [p for p in model.parameters() if p.requires_grad]
     # FP8 re-quantizes gradients: the attention backward's atomic-add rounding flips some e4m3 roundings
-    bound = 5e-2 if fp8 else 1e-2
-    for step in range(6):
-        ids = torch.randint(0, cfg.model.vocab_size, (8, cfg.training.seq_length + 1), generator=gen).cuda()
-        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-        runs = []
-        for p_ in (eager, plan):
-            # one autocast region per pass, as Lightning opens one per training step (its weight cache
-            # would otherwise hand the eager pass last step's bf16 weights)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = p_.forward_backward(model, batch, micro, loss_fn).total.item()
-            runs.append((loss, torch.cat([p.grad.float().flatten() for p in params])))
-            optimizer.zero_grad(set_to_none=True)
-        (l0, g0), (l1, g1) = runs
-        assert abs(l1 - l0) <= 2e-3 * abs(l0), (step, l0, l1)
-        err = ((g1 - g0).norm() / g0.norm()).item()
-        assert err < bound, (step, err)
-        for p, g in zip(params, torch.split(g1, [p.numel() for p in params]), strict=True):
-            p.grad = g.view_as(p).to(p.dtype)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    compare_with_autocast_steps(plan, model, cfg, steps=6, loss_rtol=2e-3, grad_bound=5e-2 if fp8 else 1e-2)
     # captured after the two warm-up steps: the first micro-batch's graph, and the next ones'
     assert plan.graphs(model).captured == (1 if micro == 8 else 2)
     if not fp8:  # the copy's hooks ran inside the graphs (FP8 layers quantize the masters themselves)

@@ -67,7 +67,6 @@ class Bf16WeightCopy:
             copy = nn.Parameter(torch.empty_like(master, dtype=dtype), requires_grad=True)
             copy.register_post_accumulate_grad_hook(self._hook(master))
             self.copies.append(copy)
-        self.active = False
 
     @staticmethod
     def _hook(master: nn.Parameter):  # noqa: ANN205
@@ -97,13 +96,11 @@ class Bf16WeightCopy:
         """The modules use the bf16 copies inside; their masters are back on exit, whatever happens."""
         for (module, name), copy in zip(self.slots, self.copies, strict=True):
             module._parameters[name] = copy
-        self.active = True
         try:
             yield
         finally:
             for (module, name), master in zip(self.slots, self.masters, strict=True):
                 module._parameters[name] = master
-            self.active = False
 
 
 def weight_copy_applies(model: nn.Module) -> bool:
