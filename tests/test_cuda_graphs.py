@@ -92,8 +92,10 @@ def compare_with_autocast_steps(plan: LocalPlan, model: torch.nn.Module, cfg: De
         runs = []
         for p_ in (reference, plan):
             # one autocast region per pass, as Lightning opens one per training step (its weight cache
-            # would otherwise hand the reference pass last step's bf16 weights)
-            with torch.autocast(device, dtype=torch.bfloat16):
+            # would otherwise hand the reference pass last step's bf16 weights); without the cache, as
+            # the graphed steps run it: a flip of that global state re-guards every compiled block, and
+            # past dynamo's recompile limit the blocks fall back to eager
+            with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
                 loss = p_.forward_backward(model, batch, t.micro_batch_size, loss_fn).total.item()
             runs.append((loss, torch.cat([p.grad.flatten() for p in params])))
             optimizer.zero_grad(set_to_none=True)
@@ -116,6 +118,8 @@ def compare_with_autocast_steps(plan: LocalPlan, model: torch.nn.Module, cfg: De
 def test_graphed_steps_equal_eager_steps_on_gpu(compile_: bool, fp8: bool, micro: int) -> None:
     """The graphed plan (its two warm-up steps, the capture, then replays) against the eager
     autocast step, every step from the same weights (`compare_with_autocast_steps`)."""
+    from torch._dynamo.utils import counters
+
     from lit_deepseek.model import DeepSeekV3
 
     cfg = gpu_config(micro, 8, compile_, fp8)
@@ -125,8 +129,17 @@ def test_graphed_steps_equal_eager_steps_on_gpu(compile_: bool, fp8: bool, micro
         model = DeepSeekV3(cfg.model)
     model.init_weights(seed=7)
     model = plan.parallelize(model, cfg)
+    graphs_after_warmup: list[int] = []
+
+    def after_step(step: int) -> None:
+        if step == 1:
+            graphs_after_warmup.append(counters["stats"]["unique_graphs"])
+
     # FP8 re-quantizes gradients: the attention backward's atomic-add rounding flips some e4m3 roundings
-    compare_with_autocast_steps(plan, model, cfg, steps=6, loss_rtol=2e-3, grad_bound=5e-2 if fp8 else 1e-2)
+    compare_with_autocast_steps(plan, model, cfg, steps=6, loss_rtol=2e-3, grad_bound=5e-2 if fp8 else 1e-2,
+                                after_step=after_step)
+    if compile_:  # capture and replay add no compiled graphs
+        assert counters["stats"]["unique_graphs"] == graphs_after_warmup[0]
     # captured after the two warm-up steps: the first micro-batch's graph, and the next ones'
     assert plan.graphs(model).captured == (1 if micro == 8 else 2)
     if not fp8:  # the copy's hooks ran inside the graphs (FP8 layers quantize the masters themselves)
