@@ -44,6 +44,18 @@ def test_copy_covers_the_matmul_weights_only() -> None:
     assert all(c.dtype == torch.bfloat16 for c in copies.copies)
 
 
+def test_fp8_layers_quantize_their_masters_and_stay_out_of_the_copy() -> None:
+    from lit_deepseek.kernels.fp8 import convert_to_fp8
+
+    cfg = _config()
+    model = DeepSeekV3(cfg.model)
+    counts = convert_to_fp8(model, "blockwise", exclude=("embed", "head", "gate", "eh_proj"), emulate=True)
+    assert counts["linear"] > 0 and counts["experts"] > 0
+    names = {f"{[n for n, m in model.named_modules() if m is mod][0]}.{p}" for mod, p in Bf16WeightCopy(model).slots}
+    # only the layers left in bf16 (here the MTP projection) are copied
+    assert names == {"mtp.0.eh_proj.weight"}, names
+
+
 @pytest.mark.parametrize("micro", [1, 2])
 def test_steps_with_the_copy_equal_autocast_bit_for_bit(micro: int) -> None:
     cfg = _config()

@@ -37,11 +37,11 @@ def _weight_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     from lit_deepseek.model.moe import GroupedExperts
 
     head = getattr(model, "head", None)
-    fp8_prefixes = [name + "." for name, m in model.named_modules() if type(m).__name__.startswith("Float8")]
     slots = []
-    for name, module in model.named_modules():
-        if module is head or any(name.startswith(p) for p in fp8_prefixes):
+    for module in model.modules():
+        if module is head:
             continue
+        # exact types: an FP8 layer (`convert_to_fp8` swaps in a subclass) quantizes its master itself
         if type(module) is nn.Linear:
             names = ["weight"] + (["bias"] if module.bias is not None else [])
         elif type(module) is GroupedExperts:
