@@ -104,10 +104,15 @@ def select_rows(wanted: list[str]) -> list[Row]:
         base = name.removesuffix("-nocopy")
         copy = base == name
         graph_base = base.removesuffix("-nograph")
+        graphs = graph_base == base
+        recipe = "blockwise"
+        if "-fp8rowwise" in graph_base:  # an FP8 row under `training.fp8_recipe: rowwise`
+            graph_base, recipe = graph_base.replace("-fp8rowwise", "-fp8"), "rowwise"
         if graph_base not in known:
             raise SystemExit(f"--rows: unknown row {name!r}; rows: {', '.join(known)} (each also as NAME-nograph, "
-                             "NAME-nocopy, NAME-nograph-nocopy)")
-        rows.append(dataclasses.replace(known[graph_base], graphs=graph_base == base, weight_copy=copy))
+                             "NAME-nocopy, NAME-nograph-nocopy; an fp8 row also as ...-fp8rowwise...)")
+        rows.append(dataclasses.replace(known[graph_base], graphs=graphs, weight_copy=copy,
+                                        fp8_recipe=recipe if known[graph_base].fp8 else "blockwise"))
     return rows
 
 
