@@ -7,7 +7,7 @@ time. CUDA graphs are off for the profile (the kernels are the same; graph repla
 the report).
 
     python benchmarks/profile_fit.py --row small-s4096-m8x1-bf16-mixed-compile-fp8 --out $OUT
-    python benchmarks/profile_fit.py --row small-s4096-m8x1-bf16-mixed-compile-fp8 --fp8-recipe rowwise
+    python benchmarks/profile_fit.py --row small-s4096-m8x1-bf16-mixed-compile-fp8rowwise
     python benchmarks/profile_fit.py --report fit-blockwise.txt      # group a saved report
 
 The profiler's default schedule records three training steps after one skipped and one warm-up
@@ -93,8 +93,6 @@ def group(text: str, steps: int = PROFILED_STEPS) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--row", default="small-s4096-m8x1-bf16-mixed-compile", help="a bench_fit.py row name")
-    ap.add_argument("--fp8-recipe", choices=["blockwise", "rowwise"], default=None,
-                    help="the FP8 recipe of an FP8 row (default: the row's own)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--row-limit", type=int, default=80)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lit-deepseek-profile"))
@@ -111,14 +109,10 @@ def main() -> None:
     if args.steps < 6:
         raise SystemExit("--steps: at least 6 (the profiler skips one step, warms up one, records three)")
     (row,) = bench_fit.select_rows([args.row])
-    if args.fp8_recipe is not None:
-        if not row.fp8:
-            raise SystemExit(f"--fp8-recipe: row {row.name!r} does not train in FP8")
-        row = dataclasses.replace(row, fp8_recipe=args.fp8_recipe)
     row = dataclasses.replace(row, graphs=False)
     out = args.out or args.work
     out.mkdir(parents=True, exist_ok=True)
-    name = row.name + (f"-{args.fp8_recipe}" if args.fp8_recipe else "")
+    name = row.name  # names the recipe (...-fp8rowwise) and the eager step (...-nograph)
     cmd = bench_fit.fit_command(row, args.work / name, args.steps, max(1, args.steps // 2))
     cmd += ["--trainer.profiler", "lightning.pytorch.profilers.PyTorchProfiler",
             "--trainer.profiler.init_args.sort_by_key", "cuda_time_total",

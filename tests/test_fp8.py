@@ -767,8 +767,10 @@ cases = [("quantize_1x128", spread(70, 200).bfloat16()), ("quantize_1x128", spre
          ("quantize_128x128", spread(3, 72, 200)), ("quantize_rows", spread(70, 96).bfloat16()),
          ("quantize_rows", spread(4, 48, 320)),
          ("quantize_rows", spread(300, 200).bfloat16().t()),
-         # rows past fp8_triton._WHOLE_ROW_MAX: the row-maxima + quantize pair (tokens along a transposed row)
+         # rows past fp8_triton._WHOLE_ROW_MAX, and transposed rows: the row-maxima + quantize pair
+         # (a weight gradient's x.t(): tokens along the row)
          ("quantize_rows", spread(6, 4200).bfloat16()), ("quantize_rows", spread(4500, 40).bfloat16().t()),
+         ("quantize_rows", spread(4096, 512).t()), ("quantize_rows", spread(4096, 128).bfloat16()),
          ("quantize_1x128_dual", spread(300, 200).bfloat16()), ("quantize_1x128_dual", spread(128, 256))]
 bad = []
 for name, t in cases:

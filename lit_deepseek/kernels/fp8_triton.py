@@ -274,25 +274,27 @@ def _rows_quantize_kernel(x_ptr, amax_ptr, q_ptr, s_ptr, R, C, stride_xr, stride
 
 
 @triton.jit
-def _rows_quantize_whole_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stride_qr,
+def _rows_quantize_whole_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_qr,
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Rows of x [R, C] (any strides, C <= BLOCK_C) held whole by one program: the row maximum and
+    """Contiguous rows of x [R, C] (C <= BLOCK_C) held whole by one program: the row maximum and
     the quantization from one read, no atomics (rows short enough for registers: activations and
     weights along their channels)."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_C).to(tl.int64)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
-    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     scale, inv = _pow2_scales(tl.max(tl.abs(x), axis=1))
     q = _to_e4m3_bits(tl.clamp(x * scale[:, None], -448.0, 448.0))
     tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows, inv, mask=rows < R)
 
-
 _ROWS = 32
-#: rows up to this length are quantized by `_rows_quantize_whole_kernel` (one read); longer ones (a
-#: transposed activation, tokens along the row) by the amax + quantize pair, whose column chunks
-#: fill the GPU when there are few rows
+#: contiguous rows up to this length are quantized by `_rows_quantize_whole_kernel` (one read); longer
+#: ones (tokens along the row) and transposed operands by the amax + quantize pair, whose column
+#: chunks fill the GPU when there are few rows. The single-read kernel is kept off transposed
+#: operands: on an H100 (Triton 3.6) its row maxima came out wrong for several tile shapes when the
+#: reduced dimension was the strided one (a weight gradient's x.t() of 4096 tokens gave garbage),
+#: while the pair gave the torch quantizer's bits for every shape tried
 _WHOLE_ROW_MAX = 4096
 _WHOLE_ROW_ELEMENTS = 4096  # elements a program holds (BLOCK_R x BLOCK_C): <= 94 registers at 8 warps (sm_90)
 
@@ -357,16 +359,16 @@ def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`lit_deepseek.kernels.fp8.quantize_rows` in one kernel for rows up to `_WHOLE_ROW_MAX` long, else
-    two (row maxima, then the quantization): x [..., K] -> (e4m3 [..., K], [..., 1])."""
+    """`lit_deepseek.kernels.fp8.quantize_rows` in one kernel for contiguous rows up to `_WHOLE_ROW_MAX`
+    long, else two (row maxima, then the quantization): x [..., K] -> (e4m3 [..., K], [..., 1])."""
     x2 = x.reshape(-1, x.shape[-1])  # a 2-D operand keeps its strides (a transposed one is read in place)
     r, c = x2.shape
     q = torch.empty(r, c, device=x.device, dtype=torch.uint8)
     s = torch.empty(r, device=x.device, dtype=torch.float32)
-    if r and c and c <= _WHOLE_ROW_MAX:
+    if r and c and c <= _WHOLE_ROW_MAX and x2.stride(1) == 1:
         block_c = triton.next_power_of_2(c)
         block_r = max(1, _WHOLE_ROW_ELEMENTS // block_c)
-        _rows_quantize_whole_kernel[(-(-r // block_r),)](x2, q, s, r, c, x2.stride(0), x2.stride(1), q.stride(0),
+        _rows_quantize_whole_kernel[(-(-r // block_r),)](x2, q, s, r, c, x2.stride(0), q.stride(0),
                                                          BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
     elif r and c:
         amax = torch.zeros(r, device=x.device, dtype=torch.float32)
