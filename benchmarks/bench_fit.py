@@ -111,8 +111,7 @@ def select_rows(wanted: list[str]) -> list[Row]:
         if graph_base not in known:
             raise SystemExit(f"--rows: unknown row {name!r}; rows: {', '.join(known)} (each also as NAME-nograph, "
                              "NAME-nocopy, NAME-nograph-nocopy; an fp8 row also as ...-fp8rowwise...)")
-        rows.append(dataclasses.replace(known[graph_base], graphs=graphs, weight_copy=copy,
-                                        fp8_recipe=recipe if known[graph_base].fp8 else "blockwise"))
+        rows.append(dataclasses.replace(known[graph_base], graphs=graphs, weight_copy=copy, fp8_recipe=recipe))
     return rows
 
 

@@ -288,12 +288,13 @@ def _rows_quantize_whole_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_qr,
     tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows, inv, mask=rows < R)
 
+
 _ROWS = 32
 #: contiguous rows up to this length are quantized by `_rows_quantize_whole_kernel` (one read); longer
 #: ones (tokens along the row) and transposed operands by the amax + quantize pair, whose column
 #: chunks fill the GPU when there are few rows. The single-read kernel is kept off transposed
-#: operands: on an H100 (Triton 3.6) its row maxima came out wrong for several tile shapes when the
-#: reduced dimension was the strided one (a weight gradient's x.t() of 4096 tokens gave garbage),
+#: operands: on an H100 (Triton 3.6) its output differed from the torch quantizer's for several tile
+#: shapes when the reduced dimension was the strided one (a weight gradient's x.t() of 4096 tokens),
 #: while the pair gave the torch quantizer's bits for every shape tried
 _WHOLE_ROW_MAX = 4096
 _WHOLE_ROW_ELEMENTS = 4096  # elements a program holds (BLOCK_R x BLOCK_C): <= 94 registers at 8 warps (sm_90)
