@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_deepseek.config import ConfigError
+from lit_deepseek.kernels.swiglu import swiglu
 from lit_deepseek.model.moe import GroupedExperts, SwiGLU
 from lit_deepseek.precision import compute_dtype
 
@@ -778,7 +779,7 @@ class Float8GroupedExperts(GroupedExperts):
             gate, up = fp8_grouped_gate_up(x, self.w1, self.w3, offsets, e)
         else:
             gate, up = fp8_grouped_linear(x, self.w1, offsets, e, r), fp8_grouped_linear(x, self.w3, offsets, e, r)
-        return fp8_grouped_linear(F.silu(gate) * up, self.w2, offsets, e, r).to(x.dtype)
+        return fp8_grouped_linear(swiglu(gate, up), self.w2, offsets, e, r).to(x.dtype)
 
 
 class Float8SwiGLU(SwiGLU):
@@ -797,7 +798,7 @@ class Float8SwiGLU(SwiGLU):
             return super().forward(x)
         emulate = gate.fp8_emulate if gate.fp8_emulate is not None else not x.is_cuda
         g, u = fp8_gate_up(x.reshape(-1, x.shape[-1]), gate.weight, up.weight, emulate, compute_dtype(x))
-        return self.down_proj((F.silu(g) * u).view(*x.shape[:-1], -1))
+        return self.down_proj(swiglu(g, u).view(*x.shape[:-1], -1))
 
 
 def float8_experts_class() -> type:

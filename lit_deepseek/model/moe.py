@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_deepseek.config import ModelConfig, MoEConfig
+from lit_deepseek.kernels.swiglu import swiglu
 from lit_deepseek.model.dispatch import LocalDispatcher, TokenDispatcher, is_recomputing
 from lit_deepseek.precision import compute_dtype
 
@@ -34,7 +35,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _grouped_mm_fn() -> Any:
@@ -92,7 +93,7 @@ class GroupedExperts(nn.Module):
         w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
         gate = mm(x, w1.transpose(-2, -1), offs=offsets)
         up = mm(x, w3.transpose(-2, -1), offs=offsets)
-        return mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
+        return mm(swiglu(gate, up), w2.transpose(-2, -1), offs=offsets)
 
     def _reference(self, x: Tensor, counts: Tensor) -> Tensor:
         out = x.new_empty(x.shape[0], self.w2.shape[1])

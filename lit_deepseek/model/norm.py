@@ -1,9 +1,15 @@
-"""RMSNorm, computed in float32 whatever the activation dtype."""
+"""RMSNorm, computed in float32 whatever the activation dtype.
+
+The arithmetic lives in `lit_deepseek.kernels.rms_norm`: a PyTorch reference, and one Triton kernel
+each way for CUDA tensors outside compiled regions.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from lit_deepseek.kernels.rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -21,10 +27,7 @@ class RMSNorm(nn.Module):
                 self.weight.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -1,0 +1,62 @@
+"""When the eager Triton kernels (`rms_norm`, `swiglu`) replace their PyTorch references.
+
+Outside `torch.compile`, each of these layers is a chain of small PyTorch kernels that autograd
+also keeps intermediates of; inside a compiled region Inductor fuses the same chain by itself. So
+the Triton kernels run for CUDA tensors outside compiled regions only, and the references
+everywhere else: CPU, compiled regions, DTensors (tensor-parallel layers).
+
+LIT_DEEPSEEK_EAGER_KERNELS: ``auto`` (default) takes the kernels where they apply, ``torch`` keeps
+the references, ``triton`` takes the kernels and fails when Triton is missing. A CUDA tensor
+without Triton under ``auto`` warns once per layer kind, so a slow path is never silent.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a GPU extra
+    HAS_TRITON = False
+
+ENV = "LIT_DEEPSEEK_EAGER_KERNELS"
+_warned: set[str] = set()
+
+
+def backend() -> str:
+    mode = os.environ.get(ENV, "auto") or "auto"
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"{ENV}: must be auto, triton or torch, got {mode!r}")
+    if mode == "triton" and not HAS_TRITON:
+        raise RuntimeError(f"{ENV}=triton: triton is not installed")
+    return mode
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def triton_applies(kind: str, *tensors: Tensor) -> bool:
+    """Whether the `kind` layer ("RMSNorm", "SwiGLU") takes its Triton kernels for these tensors."""
+    first = tensors[0]
+    if not first.is_cuda or torch.compiler.is_compiling() or any(_is_dtensor(t) for t in tensors):
+        return False
+    if backend() == "torch":
+        return False
+    if not HAS_TRITON:
+        if kind not in _warned:
+            _warned.add(kind)
+            warnings.warn(f"{kind}: triton is not installed, so eager steps run it as several PyTorch kernels "
+                          "(slower, more activation memory); install triton (pip install 'lit-deepseek[gpu]')",
+                          stacklevel=3)
+        return False
+    return True
+
+
+__all__ = ["ENV", "HAS_TRITON", "backend", "triton_applies"]

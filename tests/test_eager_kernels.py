@@ -1,0 +1,187 @@
+"""The eager Triton kernels (`lit_deepseek.kernels.rms_norm`, `lit_deepseek.kernels.swiglu`)
+against their PyTorch references, and when the model takes them.
+
+The same cases run on CPU tensors under TRITON_INTERPRET=1 (a fresh process: the variable is read
+when triton compiles) and on the GPU: outputs and every gradient, for float32 and bf16 activations,
+float32 gains (bf16-mixed) and bf16 gains (bf16-true), widths that are not powers of two, row
+counts that leave partial tiles, strided inputs (a slice of a wider projection, as the KV latent
+and a fused gate/up product are) and broadcast output gradients. Bounds are relative to the
+largest element of each result.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_deepseek.kernels import eager
+from lit_deepseek.kernels import rms_norm as rms
+from lit_deepseek.kernels import swiglu as sw
+from lit_deepseek.model.moe import SwiGLU
+from lit_deepseek.model.norm import RMSNorm
+
+ROOT = Path(__file__).resolve().parents[1]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_triton = pytest.mark.skipif(not eager.HAS_TRITON, reason="triton is not installed")
+
+_CASES = r"""
+import torch
+from lit_deepseek.kernels.rms_norm import RMSNormFunction, rms_norm_reference
+from lit_deepseek.kernels.swiglu import SwiGLUFunction, swiglu_reference
+
+device = "{device}"
+torch.manual_seed(0)
+bad = []
+
+
+def tolerance(*dtypes):
+    # bf16 results differ where an ulp of a float32 sum flips a rounding; the interpreter also
+    # rounds float32 -> bf16 towards zero where the GPU (and torch) round to nearest even
+    return 1e-5 if all(d == torch.float32 for d in dtypes) else (8e-3 if device == "cuda" else 2e-2)
+
+
+def compare(label, got, want, tol):
+    for name, a, b in zip(("out", "grad 1", "grad 2"), got, want):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            bad.append(f"{{label}} {{name}}: {{a.dtype}}{{tuple(a.shape)}} vs {{b.dtype}}{{tuple(b.shape)}}")
+        elif b.numel():
+            err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)).item()
+            if not err <= tol:
+                bad.append(f"{{label}} {{name}}: relative error {{err:.2e}} > {{tol}}")
+
+
+# RMSNorm: (rows, width, x dtype, weight dtype, strided x, broadcast dy)
+for rows, n, xd, wd, strided, broadcast in [
+    (37, 96, torch.float32, torch.float32, False, False),
+    (64, 1024, torch.float32, torch.float32, False, False),
+    (50, 1000, torch.bfloat16, torch.float32, False, False),
+    (33, 256, torch.bfloat16, torch.float32, True, False),
+    (40, 512, torch.bfloat16, torch.bfloat16, False, False),
+    (3, 7168, torch.bfloat16, torch.float32, False, False),
+    (29, 320, torch.float32, torch.float32, True, True),
+    (0, 64, torch.float32, torch.float32, False, False),
+]:
+    base = torch.randn(2, rows, n + (32 if strided else 0), device=device) * 3
+    w = 1 + 0.1 * torch.randn(n, device=device)
+    out_dtype = torch.promote_types(wd, xd)
+    dy = (torch.randn(n, device=device).expand(2, rows, n) if broadcast
+          else torch.randn(2, rows, n, device=device)).to(out_dtype)
+    results = []
+    for fn in (RMSNormFunction.apply, rms_norm_reference):
+        x = base.to(xd)[..., :n].detach().requires_grad_()  # a strided view when strided
+        wi = w.to(wd).requires_grad_()
+        y = fn(x, wi, 1e-6)
+        y.backward(dy)
+        results.append([y.detach(), x.grad, wi.grad])
+    compare(f"rms_norm{{(rows, n, str(xd), str(wd), strided, broadcast)}}", *results, tolerance(xd, wd))
+
+# SwiGLU: (leading shape, width, dtype, gate and up as halves of one fused product)
+for lead, n, dt, fused in [
+    ((37,), 96, torch.float32, False),
+    ((2, 33), 2560, torch.bfloat16, False),
+    ((45,), 1408, torch.bfloat16, True),
+    ((3, 5), 700, torch.float32, True),
+    ((0,), 128, torch.bfloat16, False),
+]:
+    gu = torch.randn(*lead, 2 * n, device=device) * 4
+    dh = torch.randn(*lead, n, device=device).to(dt)
+    results = []
+    for fn in (SwiGLUFunction.apply, swiglu_reference):
+        if fused:
+            src = gu.to(dt).requires_grad_()
+            gate, up = src.chunk(2, dim=-1)
+        else:
+            gate = gu[..., :n].to(dt).contiguous().requires_grad_()
+            up = gu[..., n:].to(dt).contiguous().requires_grad_()
+        h = fn(gate, up)
+        h.backward(dh)
+        grads = [src.grad[..., :n], src.grad[..., n:]] if fused else [gate.grad, up.grad]
+        results.append([h.detach(), *grads])
+    compare(f"swiglu{{(lead, n, str(dt), fused)}}", *results, tolerance(dt))
+print("\n".join(bad) or "ok")
+"""
+
+
+def _mismatches(device: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **({"TRITON_INTERPRET": "1"} if device == "cpu" else {}))
+    proc = subprocess.run([sys.executable, "-c", _CASES.format(device=device)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+@needs_triton
+def test_eager_kernels_match_references_interpreted() -> None:
+    assert _mismatches("cpu") == "ok"
+
+
+@pytest.mark.gpu
+@gpu
+@needs_triton
+def test_eager_kernels_match_references_on_gpu() -> None:
+    assert _mismatches("cuda") == "ok"
+
+
+@pytest.mark.gpu
+@gpu
+@needs_triton
+def test_layers_take_the_kernels_eagerly_and_the_references_when_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast with float32 weights (the default precision), the layers' eager outputs
+    are the kernels', bit for bit; compiled layers trace the references, and both agree.
+    LIT_DEEPSEEK_EAGER_KERNELS=torch keeps the references."""
+    torch.manual_seed(0)
+    norm = RMSNorm(1024).cuda()
+    ffn = SwiGLU(1024, 2560).cuda()
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+        for p in ffn.parameters():
+            p.normal_(0.0, 0.02)
+    x = torch.randn(4, 512, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", torch.bfloat16):
+        normed = norm(x)
+        h = ffn(normed)
+        assert torch.equal(normed, rms.RMSNormFunction.apply(x, norm.weight, norm.eps))
+        gate, up = ffn.gate_proj(normed), ffn.up_proj(normed)
+        assert torch.equal(h, ffn.down_proj(sw.SwiGLUFunction.apply(gate, up)))
+        normed_c = torch.compile(norm, fullgraph=True)(x)
+        h_c = torch.compile(ffn, fullgraph=True)(normed)
+    assert normed.dtype == torch.float32 and h.dtype == torch.bfloat16
+    assert rms.fused_applies(x, norm.weight) and sw.fused_applies(gate, up)
+    assert (normed_c - normed).abs().max().item() <= 8e-3 * normed.abs().max().item()
+    assert (h_c.float() - h.float()).abs().max().item() <= 2e-2 * h.float().abs().max().item()
+    monkeypatch.setenv(eager.ENV, "torch")
+    assert not rms.fused_applies(x, norm.weight) and not sw.fused_applies(gate, up)
+
+
+def test_eager_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tensors take the references; LIT_DEEPSEEK_EAGER_KERNELS accepts auto, triton and torch
+    only; CUDA without triton says so once per layer kind instead of falling back silently."""
+    x, w = torch.randn(3, 8), torch.ones(8)
+    assert not rms.fused_applies(x, w) and not sw.fused_applies(x, x)
+    assert torch.equal(rms.rms_norm(x, w, 1e-6), rms.rms_norm_reference(x, w, 1e-6))
+    assert torch.equal(sw.swiglu(x, x), sw.swiglu_reference(x, x))
+    meta = torch.empty(3, 8, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setenv(eager.ENV, "fast")
+    with pytest.raises(ValueError, match="LIT_DEEPSEEK_EAGER_KERNELS: must be auto, triton or torch"):
+        rms.fused_applies(meta, w)
+    monkeypatch.setenv(eager.ENV, "auto")
+    monkeypatch.setattr(eager, "HAS_TRITON", False)
+    monkeypatch.setattr(eager, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert not rms.fused_applies(meta, w)
+            assert not sw.fused_applies(meta, meta)
+    messages = [str(c.message) for c in caught]
+    assert sum(m.startswith("RMSNorm: triton is not installed") for m in messages) == 1
+    assert sum(m.startswith("SwiGLU: triton is not installed") for m in messages) == 1
+    monkeypatch.setenv(eager.ENV, "triton")
+    with pytest.raises(RuntimeError, match="LIT_DEEPSEEK_EAGER_KERNELS=triton: triton is not installed"):
+        sw.fused_applies(meta, meta)
