@@ -298,6 +298,8 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="comma list of row names (default: the full table)")
     ap.add_argument("--hf", default="small-s4096,small-s8192,large-s4096",
                     help="comma list of config-sSEQ for the HF baseline (eager and compiled); 'none' skips it")
+    ap.add_argument("--hf-modes", default="eager,compile",
+                    help="which HF baselines to run: eager, compile or both (comma list)")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per product run")
     ap.add_argument("--warmup", type=int, default=4, help="steps before timing starts")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what remains after this many seconds")
@@ -332,7 +334,10 @@ def main() -> None:
     if args.hf != "none":
         for spec in args.hf.split(","):
             config, seq = spec.split("-s")
-            for compiled in (False, True):
+            modes = set(args.hf_modes.split(","))
+            if not modes <= {"eager", "compile"}:
+                ap.error(f"--hf-modes: eager and/or compile, got {args.hf_modes!r}")
+            for compiled in [m == "compile" for m in ("eager", "compile") if m in modes]:
                 if time.time() - t_start > args.budget_s:
                     continue
                 results.append(run_hf(config, int(seq), 8 * 4096 // int(seq), compiled, args.steps - args.warmup,
