@@ -157,13 +157,14 @@ def memory_estimate(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> di
 def activation_bytes(cfg: DeepSeekConfig) -> float:
     """Bytes kept for backward by one micro-batch on one pipeline stage, plus the loss's buffers.
 
-    Counts the tensors the eager training path saves per token (checked against H200 peaks of
-    `lit-deepseek fit`, benchmarks/bench_fit.py: within 3-8% for the small config): each
-    RMSNorm keeps its float32 copy, the normed value and its output; attention keeps the projected
+    Counts the tensors the eager training path saves per token (checked against H200 and H100
+    peaks of `lit-deepseek fit`, benchmarks/bench_fit.py, for the small config): each RMSNorm
+    keeps its input and output (op by op also a float32 copy); attention keeps the projected
     queries, the latents, the decompressed keys/values, the concatenated q and k, the output and the
     log-sum-exp; an MoE layer keeps the router's float32 input, the k sorted copies and their
-    weighted outputs, and four SwiGLU tensors (gate, up, silu, product) per routed copy and per
-    shared expert. A torch.compile'd model keeps about a quarter less (pointwise ops recomputed).
+    weighted outputs, and three SwiGLU tensors (gate, up, product; op by op also silu's output) per
+    routed copy and per shared expert. Eager steps are counted with the GPU's Triton norm and SwiGLU
+    kernels; a torch.compile'd model keeps about a quarter less than the op-by-op path.
     """
     m, t, p = cfg.model, cfg.training, cfg.parallel
     a, e = m.mla, m.moe
@@ -172,17 +173,24 @@ def activation_bytes(cfg: DeepSeekConfig) -> float:
     f32 = 4
     d, h, k = a.d_model, a.num_heads, e.num_experts_per_token
 
-    def norm(width: int) -> int:
-        return width * (f32 + 2 * act)
+    # Eager steps on a GPU run RMSNorm and SwiGLU as Triton kernels (lit_deepseek.kernels.eager),
+    # which keep less than the op-by-op references: a norm its input and the row scales instead of
+    # a float32 copy and the normed value, SwiGLU gate and up without silu's output. Compiled
+    # blocks trace the references (scaled below).
+    fused = not t.compile
 
+    def norm(width: int) -> int:
+        return width * (f32 + act) if fused else width * (f32 + 2 * act)
+
+    swiglu = 3 * act if fused else 4 * act  # per intermediate channel: gate, up, (silu), product
     attn = (norm(d) + (norm(a.d_q_latent) if a.d_q_latent > 0 else 0) + act * h * a.qk_head_dim
             + norm(a.d_latent) + act * (a.d_latent + a.qk_rope_head_dim)
             + act * h * (a.qk_nope_head_dim + a.v_head_dim)
             + 2 * act * h * a.qk_head_dim + act * h * a.v_head_dim + f32 * h)
-    routed = 4 * act * k * e.expert_intermediate_size
-    shared = 4 * act * e.num_shared_experts * e.expert_intermediate_size
+    routed = swiglu * k * e.expert_intermediate_size
+    shared = swiglu * e.num_shared_experts * e.expert_intermediate_size
     moe_layer = norm(d) + f32 * d + 2 * act * k * d + routed + shared + 3 * f32 * e.num_experts
-    dense_layer = norm(d) + 4 * act * m.dense_intermediate_size
+    dense_layer = norm(d) + swiglu * m.dense_intermediate_size
     layers = m.num_layers + m.mtp_depth
     per_stage_layers = math.ceil(layers / p.pipeline_parallel_size)
     n_dense = min(m.first_dense_layers, per_stage_layers)
