@@ -59,4 +59,11 @@ def triton_applies(kind: str, *tensors: Tensor) -> bool:
     return True
 
 
-__all__ = ["ENV", "HAS_TRITON", "backend", "triton_applies"]
+def as_rows(t: Tensor) -> Tensor:
+    """t as [rows, last dim] with unit stride along the last dim, the layout the kernels read: a view
+    where the layout allows it (a slice of a wider projection keeps its row stride), else a copy."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+__all__ = ["ENV", "HAS_TRITON", "as_rows", "backend", "triton_applies"]

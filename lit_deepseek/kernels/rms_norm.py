@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_deepseek.kernels.eager import HAS_TRITON, triton_applies
+from lit_deepseek.kernels.eager import HAS_TRITON, as_rows, triton_applies
 
 if HAS_TRITON:
     import triton
@@ -94,12 +94,6 @@ if HAS_TRITON:
         tl.store(dw_ptr + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """t as [rows, N] with unit stride along N (a view where the layout allows it)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _tiles(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): ~4,096 elements per tile."""
     block_n = triton.next_power_of_2(n)
@@ -120,7 +114,7 @@ class RMSNormFunction(torch.autograd.Function):
         n = x.shape[-1]
         if weight.shape != (n,):
             raise ValueError(f"RMSNorm: weight of shape {tuple(weight.shape)} for inputs with {n} channels")
-        x2 = _rows(x)
+        x2 = as_rows(x)
         m = x2.shape[0]
         y = torch.empty((m, n), device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
         rstd = torch.empty(m, device=x.device, dtype=torch.float32)
@@ -136,7 +130,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, Tensor, None]:
         x2, weight, rstd = ctx.saved_tensors
         m, n = x2.shape
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         dx = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
         block_m, block_n, warps = _tiles(n)
         programs = _multiprocessors(x2.device) * 8

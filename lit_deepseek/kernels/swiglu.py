@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_deepseek.kernels.eager import HAS_TRITON, triton_applies
+from lit_deepseek.kernels.eager import HAS_TRITON, as_rows, triton_applies
 
 if HAS_TRITON:
     import triton
@@ -76,13 +76,6 @@ if HAS_TRITON:
         tl.store(dg_ptr + dense, (ds * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """t as [rows, N] with unit stride along N (a view where the layout allows it, e.g. a chunk of
-    a fused gate/up product)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _grid(m: int, n: int) -> tuple[int, int]:
     return triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N)
 
@@ -93,7 +86,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, gate: Tensor, up: Tensor) -> Tensor:
-        g2, u2 = _rows(gate), _rows(up)
+        g2, u2 = as_rows(gate), as_rows(up)
         m, n = g2.shape
         h = torch.empty((m, n), device=gate.device, dtype=gate.dtype)
         if h.numel():
