@@ -18,6 +18,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from lit_deepseek.kernels import is_dtensor
+
 try:
     import triton  # noqa: F401
 
@@ -38,14 +40,10 @@ def backend() -> str:
     return mode
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def triton_applies(kind: str, *tensors: Tensor) -> bool:
     """Whether the `kind` layer ("RMSNorm", "SwiGLU") takes its Triton kernels for these tensors."""
     first = tensors[0]
-    if not first.is_cuda or torch.compiler.is_compiling() or any(_is_dtensor(t) for t in tensors):
+    if not first.is_cuda or torch.compiler.is_compiling() or any(is_dtensor(t) for t in tensors):
         return False
     if backend() == "torch":
         return False

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_deepseek.config import ConfigError
+from lit_deepseek.kernels import is_dtensor
 from lit_deepseek.kernels.swiglu import swiglu
 from lit_deepseek.model.moe import GroupedExperts, SwiGLU
 from lit_deepseek.precision import compute_dtype
@@ -315,17 +316,13 @@ def blockwise_wgrad(gq: Tensor, sg: Tensor, x: Tensor, emulate: bool) -> Tensor:
     return blockwise_mm_t(gq, sg, xq, sx, False, emulate)
 
 
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def _linear_placements(x: Any, w: Any, out_ndim: int) -> tuple[list, list, list]:
     """For y = x @ w.T with a DTensor weight w [N, K] and input x (DTensor or local), computed on
     the local shards: the placements of y, and those that the local gradients of x and w have
     (Partial where a rank's local product holds only part of a sum)."""
     from torch.distributed.tensor import Partial, Replicate, Shard
 
-    x_places = x.placements if _is_dtensor(x) else [Replicate()] * len(w.placements)
+    x_places = x.placements if is_dtensor(x) else [Replicate()] * len(w.placements)
     out, grad_x, grad_w = [], [], []
     for wp, xp in zip(w.placements, x_places, strict=True):
         tokens_sharded = xp.is_shard() and not xp.is_shard(x.ndim - 1)
@@ -353,11 +350,11 @@ class Float8Linear(nn.Linear):
         if not self.fp8_enabled:
             return F.linear(x, self.weight, self.bias)
         w = self.weight
-        if _is_dtensor(w):
+        if is_dtensor(w):
             from torch.distributed.tensor import DTensor
 
             out, grad_x, grad_w = _linear_placements(x, w, x.dim())
-            x_local = x.to_local(grad_placements=grad_x) if _is_dtensor(x) else x
+            x_local = x.to_local(grad_placements=grad_x) if is_dtensor(x) else x
             y = self._product(x_local, w.to_local(grad_placements=grad_w))
             y = DTensor.from_local(y, w.device_mesh, out, run_check=False)
         else:
@@ -791,8 +788,8 @@ class Float8SwiGLU(SwiGLU):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_proj, self.up_proj
         fused = (all(isinstance(m, Float8Linear) and m.fp8_enabled and m.fp8_recipe == "blockwise"
-                     and m.bias is None and not _is_dtensor(m.weight) for m in (gate, up))
-                 and gate.fp8_emulate == up.fp8_emulate and not _is_dtensor(x)
+                     and m.bias is None and not is_dtensor(m.weight) for m in (gate, up))
+                 and gate.fp8_emulate == up.fp8_emulate and not is_dtensor(x)
                  and gate_up_fusable(gate.weight, up.weight))
         if not fused:
             return super().forward(x)
@@ -856,7 +853,7 @@ def convert_to_fp8(module: nn.Module, recipe: str = "rowwise", exclude: Sequence
         if not name or fp8_excluded(name, exclude):
             continue
         w = sub.weight if isinstance(sub, nn.Linear) else getattr(sub, "w1", None)
-        if recipe == "rowwise" and w is not None and not _is_dtensor(w) and not _aligned(*w.shape[-2:]):
+        if recipe == "rowwise" and w is not None and not is_dtensor(w) and not _aligned(*w.shape[-2:]):
             continue  # the row-wise kernels need dimensions that are multiples of 16
         if recipe == "blockwise" and _swap_class(sub, SwiGLU, Float8SwiGLU):
             continue  # its projections are converted below; it runs them as one product when it can

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lit_deepseek.kernels import is_dtensor
 from lit_deepseek.precision import compute_dtype
 
 IGNORE_INDEX = -100
@@ -27,10 +28,6 @@ IGNORE_INDEX = -100
 FUSED_CROSS_ENTROPY = True
 #: on CUDA, run the per-chunk softmax/gradient arithmetic through torch.compile (one fused kernel)
 COMPILE_CE_CHUNK = True
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
 
 
 @dataclass
@@ -153,7 +150,7 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk_size:
     count = (labels != IGNORE_INDEX).sum().clamp(min=1)
     needs_grad = h.requires_grad or weight.requires_grad
     if fused is None:
-        fused = FUSED_CROSS_ENTROPY and not _is_dtensor(h) and not _is_dtensor(weight)
+        fused = FUSED_CROSS_ENTROPY and not is_dtensor(h) and not is_dtensor(weight)
     if fused and needs_grad:
         return fused_linear_cross_entropy_sum(h, weight, labels, chunk_size) / count
     total = h.new_zeros((), dtype=torch.float32)
