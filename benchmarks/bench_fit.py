@@ -307,6 +307,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench_fit")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "out")))
     args = ap.parse_args()
+    hf_modes = set(args.hf_modes.split(","))
+    if not hf_modes <= {"eager", "compile"}:  # before any run starts
+        ap.error(f"--hf-modes: eager and/or compile, got {args.hf_modes!r}")
     t_start = time.time()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -334,10 +337,7 @@ def main() -> None:
     if args.hf != "none":
         for spec in args.hf.split(","):
             config, seq = spec.split("-s")
-            modes = set(args.hf_modes.split(","))
-            if not modes <= {"eager", "compile"}:
-                ap.error(f"--hf-modes: eager and/or compile, got {args.hf_modes!r}")
-            for compiled in [m == "compile" for m in ("eager", "compile") if m in modes]:
+            for compiled in [m == "compile" for m in ("eager", "compile") if m in hf_modes]:
                 if time.time() - t_start > args.budget_s:
                     continue
                 results.append(run_hf(config, int(seq), 8 * 4096 // int(seq), compiled, args.steps - args.warmup,
