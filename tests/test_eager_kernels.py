@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lit_deepseek.kernels import eager
+from lit_deepseek.kernels import mla_rope as mr
 from lit_deepseek.kernels import rms_norm as rms
 from lit_deepseek.kernels import swiglu as sw
 from lit_deepseek.model.moe import SwiGLU
@@ -34,6 +35,7 @@ _CASES = r"""
 import torch
 from lit_deepseek.kernels.rms_norm import RMSNormFunction, rms_norm_reference
 from lit_deepseek.kernels.swiglu import SwiGLUFunction, swiglu_reference
+from lit_deepseek.kernels.mla_rope import AssembleQKFunction, assemble_qk_reference
 
 device = "{device}"
 torch.manual_seed(0)
@@ -46,8 +48,8 @@ def tolerance(*dtypes):
     return 1e-5 if all(d == torch.float32 for d in dtypes) else (8e-3 if device == "cuda" else 2e-2)
 
 
-def compare(label, got, want, tol):
-    for name, a, b in zip(("out", "grad 1", "grad 2"), got, want):
+def compare(label, got, want, tol, names=("out", "grad 1", "grad 2")):
+    for name, a, b in zip(names, got, want):
         if a.dtype != b.dtype or a.shape != b.shape:
             bad.append(f"{{label}} {{name}}: {{a.dtype}}{{tuple(a.shape)}} vs {{b.dtype}}{{tuple(b.shape)}}")
         elif b.numel():
@@ -104,6 +106,37 @@ for lead, n, dt, fused in [
         grads = [src.grad[..., :n], src.grad[..., n:]] if fused else [gate.grad, up.grad]
         results.append([h.detach(), *grads])
     compare(f"swiglu{{(lead, n, str(dt), fused)}}", *results, tolerance(dt))
+
+# MLA queries and keys with RoPE: (batch, positions, heads, nope, rope, dtype, per-batch cos/sin).
+# q is a view of a projection, k_nope a slice of the decompressed [k_nope, v] and the shared key a
+# slice of the KV down-projection, as in the model; dq and dk arrive transposed from attention.
+for b, s, h, nope, r, dt, per_batch in [
+    (2, 7, 3, 16, 8, torch.float32, False),
+    (1, 9, 16, 64, 32, torch.bfloat16, False),
+    (3, 5, 5, 24, 12, torch.bfloat16, True),
+    (2, 4, 128, 128, 64, torch.bfloat16, False),
+    (1, 0, 4, 16, 8, torch.float32, False),
+]:
+    width = nope + r
+    q_src = torch.randn(b, s, h * width, device=device) * 2
+    kv_src = torch.randn(b, s, h, nope + 40, device=device)
+    latent_src = torch.randn(b, s, 24 + r, device=device)
+    angles = torch.rand(b if per_batch else 1, s, r // 2, device=device) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    dq = torch.randn(b, h, s, width, device=device).to(dt).transpose(1, 2)
+    dk = torch.randn(b, h, s, width, device=device).to(dt).transpose(1, 2)
+    results = []
+    for fn in (AssembleQKFunction.apply, assemble_qk_reference):
+        qs, kvs, ls = (t.to(dt).requires_grad_() for t in (q_src, kv_src, latent_src))
+        q_out, k_out = fn(qs.view(b, s, h, width), kvs[..., :nope], ls[..., 24:], cos, sin)
+        torch.autograd.backward((q_out, k_out), (dq, dk))
+        results.append([torch.cat((q_out.detach(), k_out.detach()), -1), qs.grad, kvs.grad, ls.grad])
+    label = f"mla_rope{{(b, s, h, nope, r, str(dt), per_batch)}}"
+    compare(label, results[0][:3], results[1][:3], tolerance(dt), ("q, k", "grad q", "grad k_nope"))
+    # the shared key's gradient is a bf16 rounding of a sum over heads, then four more roundings:
+    # under the interpreter's truncation (see tolerance) its error reaches a few ulps of the largest
+    compare(label + " shared key", results[0][3:], results[1][3:], tolerance(dt) * (2 if device == "cpu" else 1),
+            ("grad k_rope",))
 print("\n".join(bad) or "ok")
 """
 
@@ -166,7 +199,13 @@ def test_eager_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not rms.fused_applies(x, w) and not sw.fused_applies(x, x)
     assert torch.equal(rms.rms_norm(x, w, 1e-6), rms.rms_norm_reference(x, w, 1e-6))
     assert torch.equal(sw.swiglu(x, x), sw.swiglu_reference(x, x))
+    q, k_nope, k_rope = torch.randn(1, 2, 3, 12), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4)
+    cos, sin = torch.randn(1, 2, 2), torch.randn(1, 2, 2)
+    assert not mr.fused_applies(q, k_nope, k_rope)
+    assert all(torch.equal(a, b) for a, b in zip(mr.assemble_qk(q, k_nope, k_rope, cos, sin),
+                                                  mr.assemble_qk_reference(q, k_nope, k_rope, cos, sin), strict=True))
     meta = torch.empty(3, 8, device="meta")
+    meta_qk = [torch.empty(t.shape, device="meta") for t in (q, k_nope, k_rope)]
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setenv(eager.ENV, "fast")
     with pytest.raises(ValueError, match="LIT_DEEPSEEK_EAGER_KERNELS: must be auto, triton or torch"):
@@ -179,9 +218,11 @@ def test_eager_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         for _ in range(2):
             assert not rms.fused_applies(meta, w)
             assert not sw.fused_applies(meta, meta)
+            assert not mr.fused_applies(*meta_qk)
     messages = [str(c.message) for c in caught]
     assert sum(m.startswith("RMSNorm: triton is not installed") for m in messages) == 1
     assert sum(m.startswith("SwiGLU: triton is not installed") for m in messages) == 1
+    assert sum(m.startswith("MLA RoPE: triton is not installed") for m in messages) == 1
     monkeypatch.setenv(eager.ENV, "triton")
     with pytest.raises(RuntimeError, match="LIT_DEEPSEEK_EAGER_KERNELS=triton: triton is not installed"):
         sw.fused_applies(meta, meta)
@@ -189,7 +230,7 @@ def test_eager_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 _MODEL_CASE = r"""
 import torch
-from lit_deepseek.kernels import rms_norm, swiglu
+from lit_deepseek.kernels import mla_rope, rms_norm, swiglu
 from lit_deepseek.model import DeepSeekV3
 from lit_deepseek.model.moe import GroupedExperts
 from lit_deepseek.training.loss import model_loss
@@ -199,7 +240,7 @@ from tests.conftest import tiny_model_config
 plain_forward = GroupedExperts.forward
 GroupedExperts.forward = lambda self, x, counts, use_grouped_mm=None: plain_forward(
     self, x, counts, x.dtype == torch.bfloat16 if use_grouped_mm is None else use_grouped_mm)
-calls = {{"RMSNorm": 0, "SwiGLU": 0}}
+calls = {{"RMSNorm": 0, "SwiGLU": 0, "MLA RoPE": 0}}
 
 
 def forced(kind):
@@ -221,6 +262,7 @@ for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
     for kernels in (True, False):
         rms_norm.fused_applies = forced("RMSNorm") if kernels else (lambda *t: False)
         swiglu.fused_applies = forced("SwiGLU") if kernels else (lambda *t: False)
+        mla_rope.fused_applies = forced("MLA RoPE") if kernels else (lambda *t: False)
         model = DeepSeekV3(cfg).to(dtype)
         model.load_state_dict(base.state_dict())
         h, mtp = model(ids, return_hidden=True)
@@ -234,21 +276,21 @@ for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
     name = max(errs, key=errs.get)
     worst[str(dtype)] = (abs(l1 - l2).item() / l2.item(), name, errs[name])
     assert abs(l1 - l2).item() <= bound * l2.item() and errs[name] <= bound, worst
-print(calls["RMSNorm"], calls["SwiGLU"], worst)
+print(calls["RMSNorm"], calls["SwiGLU"], calls["MLA RoPE"], worst)
 """
 
 
 @needs_triton
 def test_model_with_the_kernels_equals_the_model_with_the_references_interpreted() -> None:
     """Every call site (block, latent, final and MTP norms; dense, shared and routed SwiGLU, the
-    routed ones through the grouped GEMM in bf16) runs the kernels, interpreted on CPU tensors, and
+    routed ones through the grouped GEMM in bf16; each attention's queries and keys) runs the kernels, interpreted on CPU tensors, and
     the loss and every parameter gradient equal the reference model's: 1e-5 relative in float32,
     5e-2 in bf16 (measured 2e-2; the interpreter rounds bf16 towards zero)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", _MODEL_CASE.format()], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    norms, swiglus = (int(v) for v in proc.stdout.split()[:2])
+    norms, swiglus, ropes = (int(v) for v in proc.stdout.split()[:3])
     cfg_layers = 3 + 1  # tiny config: 3 layers and one MTP block
     # per layer: block norms (2) and latent norms (2); final norm; MTP: two input norms and its own
     assert norms == 2 * (cfg_layers * 4 + 1 + 3), proc.stdout
@@ -256,3 +298,39 @@ def test_model_with_the_kernels_equals_the_model_with_the_references_interpreted
     # runs; the routed experts in the bf16 run (float32 experts on CPU take the per-expert loop)
     moe_blocks = cfg_layers - 1
     assert swiglus == (1 + moe_blocks) + (1 + 2 * moe_blocks), proc.stdout
+    assert ropes == 2 * cfg_layers, proc.stdout  # each attention's queries and keys, both dtypes
+
+
+@pytest.mark.gpu
+@gpu
+@needs_triton
+def test_attention_takes_the_rope_kernel_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MLA layer of the small config's shape under bf16 autocast (float32 weights, as
+    `lit-deepseek fit` runs) assembles its queries and keys with the kernel once per call, and its
+    output and gradients agree with the same layer on the references."""
+    from lit_deepseek.model.attention import MultiHeadLatentAttention
+    from lit_deepseek.model.rope import RotaryEmbedding
+    from tests.conftest import tiny_model_config
+
+    mla = tiny_model_config(**{"mla.d_model": 1024, "mla.d_latent": 256, "mla.d_q_latent": 512, "mla.num_heads": 16,
+                               "mla.qk_nope_head_dim": 64, "mla.qk_rope_head_dim": 32, "mla.v_head_dim": 64,
+                               "mla.max_context_length": 1024}).mla
+    torch.manual_seed(0)
+    attn, rope = MultiHeadLatentAttention(mla).cuda(), RotaryEmbedding(mla).cuda()
+    x = torch.randn(2, 1024, 1024, device="cuda")
+    cos, sin = rope(torch.arange(1024, device="cuda")[None])
+    launches = []
+    plain_apply = mr.AssembleQKFunction.apply
+    monkeypatch.setattr(mr.AssembleQKFunction, "apply", lambda *a: launches.append(1) or plain_apply(*a))
+    results = []
+    for backend in ("auto", "torch"):
+        monkeypatch.setenv(eager.ENV, backend)
+        attn.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16):
+            out = attn(xi, cos, sin)
+        out.float().square().mean().backward()
+        results.append([out.float(), xi.grad, *(p.grad for p in attn.parameters())])
+    assert len(launches) == 1
+    for a, b in zip(*results, strict=True):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2

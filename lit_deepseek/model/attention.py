@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lit_deepseek.config import MLAConfig
+from lit_deepseek.kernels.mla_rope import assemble_qk
 from lit_deepseek.model.norm import RMSNorm
 from lit_deepseek.model.rope import apply_rotary, softmax_scale
 
@@ -74,22 +75,25 @@ class MultiHeadLatentAttention(nn.Module):
         self.softmax_scale = softmax_scale(mla)
 
     # ------------------------------------------------------------------ pieces
-    def _queries(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    def _queries(self, x: Tensor) -> Tensor:
+        """Per-head queries [B, S, H, nope + R], the rotary part not yet rotated."""
         b, s, _ = x.shape
         if self.mla.d_q_latent > 0:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         else:
             q = self.q_proj(x)
         # -1: the heads this module holds (all of them, or this rank's share under tensor parallelism)
-        q = q.view(b, s, -1, self.qk_nope_head_dim + self.qk_rope_head_dim)
-        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        return q_nope, apply_rotary(q_rope, cos, sin)
+        return q.view(b, s, -1, self.qk_nope_head_dim + self.qk_rope_head_dim)
 
-    def _latents(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Normed KV latent [B, S, d_latent] and rotated shared key [B, S, R]."""
+    def _latents(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Normed KV latent [B, S, d_latent] and the shared rotary key [B, S, R], not yet rotated."""
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.d_latent, self.qk_rope_head_dim], dim=-1)
-        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).squeeze(2)
         return self.kv_a_layernorm(kv_latent), k_rope
+
+    def _rotated(self, q: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(q_nope, rotated q_rope, rotated shared key [B, S, R]) for the absorbed and cached forms."""
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rotary(q_rope, cos, sin), _rotated_key(k_rope, cos, sin)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
@@ -97,8 +101,15 @@ class MultiHeadLatentAttention(nn.Module):
         """x [B, S, D]; cos/sin [1 or B, S, R/2] for the absolute positions of x; mask [B, 1, S, S_kv]
         bool (True = attend) or None for causal. With a cache, x's latents are appended to it and
         attention covers everything cached so far (absorbed form)."""
-        q_nope, q_rope = self._queries(x, cos, sin)
-        kv_latent, k_rope = self._latents(x, cos, sin)
+        q = self._queries(x)
+        kv_latent, k_rope = self._latents(x)
+        if cache is None and not absorb:
+            return self._decompressed(q, kv_latent, k_rope, cos, sin, mask)
+        if cache is not None and not isinstance(cache, LatentKVCache) and cache.is_prefill:
+            # a paged cache's prefill (nothing cached before the chunk): the training form over the chunk
+            cache.write(kv_latent, _rotated_key(k_rope, cos, sin))
+            return self._decompressed(q, kv_latent, k_rope, cos, sin, None)
+        q_nope, q_rope, k_rope = self._rotated(q, k_rope, cos, sin)
         if isinstance(cache, LatentKVCache):
             start, end = cache.length, cache.length + x.shape[1]
             cache.kv_latent[:, start:end] = kv_latent.to(cache.kv_latent.dtype)
@@ -109,21 +120,22 @@ class MultiHeadLatentAttention(nn.Module):
             if mask is None and x.shape[1] > 1:
                 mask = _causal_mask(x.shape[1], end, x.device)
             return self._absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
-        if cache is not None:  # a paged cache (lit_deepseek.model.paged_cache): per-sequence lengths
-            return self._paged(q_nope, q_rope, kv_latent, k_rope, cache)
-        if absorb:
-            if mask is None:
-                mask = _causal_mask(x.shape[1], x.shape[1], x.device)
-            return self._absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
-        return self._decompressed(q_nope, q_rope, kv_latent, k_rope, mask)
+        if cache is not None:  # a paged cache (lit_deepseek.model.paged_cache), past its prefill
+            cache.write(kv_latent, k_rope)
+            return self._latent_output(cache.attend(self._absorb_query(q_nope), q_rope, self.softmax_scale))
+        if mask is None:
+            mask = _causal_mask(x.shape[1], x.shape[1], x.device)
+        return self._absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
 
-    def _decompressed(self, q_nope: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor,
+    def _decompressed(self, q: Tensor, kv_latent: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor,
                       mask: Tensor | None) -> Tensor:
-        b, s, h, _ = q_nope.shape
+        """The training form: per-head keys and values decompressed from the latent, queries and keys
+        assembled with their rotary parts (`assemble_qk`: one Triton kernel each way in eager CUDA
+        steps), then `scaled_dot_product_attention`."""
+        b, s, h, _ = q.shape
         kv = self.kv_b_proj(kv_latent).view(b, s, h, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        q = torch.cat((q_nope, q_rope), dim=-1)
-        k = torch.cat((k_nope, k_rope[:, :, None, :].expand(b, s, h, self.qk_rope_head_dim)), dim=-1)
+        q, k = assemble_qk(q, k_nope, k_rope, cos, sin)
         out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, h * self.v_head_dim))
 
@@ -131,15 +143,6 @@ class MultiHeadLatentAttention(nn.Module):
                   mask: Tensor | None) -> Tensor:
         out_latent = latent_attention(self._absorb_query(q_nope), q_rope, kv_latent, k_rope, mask, self.softmax_scale)
         return self._latent_output(out_latent)
-
-    def _paged(self, q_nope: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor, cache: Any) -> Tensor:
-        """Append this chunk to a paged latent cache; a prefill (nothing cached before the chunk)
-        runs the training form over the chunk, later chunks attend over the cache (absorbed form)."""
-        prefill = cache.is_prefill
-        cache.write(kv_latent, k_rope)
-        if prefill:
-            return self._decompressed(q_nope, q_rope, kv_latent, k_rope, None)
-        return self._latent_output(cache.attend(self._absorb_query(q_nope), q_rope, self.softmax_scale))
 
     def _up_weights(self) -> tuple[Tensor, Tensor]:
         """(W_UK [H, nope, C], W_UV [H, v, C]) views of kv_b_proj (H: the heads this module holds)."""
@@ -155,6 +158,11 @@ class MultiHeadLatentAttention(nn.Module):
         b, s, h, _ = out_latent.shape
         out = torch.einsum("bshc,hvc->bshv", out_latent.to(self.kv_b_proj.weight.dtype), self._up_weights()[1])
         return self.o_proj(out.reshape(b, s, h * self.v_head_dim))
+
+
+def _rotated_key(k_rope: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The shared rotary key [B, S, R], rotated."""
+    return apply_rotary(k_rope.unsqueeze(2), cos, sin).squeeze(2)
 
 
 def latent_attention(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor, mask: Tensor | None,
