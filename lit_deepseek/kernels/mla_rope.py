@@ -62,86 +62,87 @@ def assemble_qk(q: Tensor, k_nope: Tensor, k_rope: Tensor, cos: Tensor, sin: Ten
 if HAS_TRITON:
 
     @triton.jit
-    def _rotate(x0, x1, c, s, dt: tl.constexpr):
-        """(x0 c - x1 s, x1 c + x0 s), each product rounded to dt before the sum, as torch does."""
-        y0 = (x0 * c).to(dt).to(tl.float32) - (x1 * s).to(dt).to(tl.float32)
-        y1 = (x1 * c).to(dt).to(tl.float32) + (x0 * s).to(dt).to(tl.float32)
-        return y0.to(dt), y1.to(dt)
+    def _rotated(x, xp, c, s, sign, dt: tl.constexpr):
+        """x c + sign xp s, each product rounded to dt before the sum as torch rounds it (rounding is
+        symmetric, so a negated rounded product is the rounded negated product)."""
+        return ((x * c).to(dt).to(tl.float32) + sign * (xp * s).to(dt).to(tl.float32)).to(dt)
 
     @triton.jit
-    def _unrotate(d0, d1, c, s, dt: tl.constexpr):
-        """The gradient of `_rotate` for output gradients (d0, d1), with autograd's roundings."""
-        g0 = (d0 * c).to(dt).to(tl.float32) + (d1 * s).to(dt).to(tl.float32)
-        g1 = (d1 * c).to(dt).to(tl.float32) - (d0 * s).to(dt).to(tl.float32)
-        return g0.to(dt), g1.to(dt)
-
-    @triton.jit
-    def _qk_fwd_kernel(q_ptr, kn_ptr, kr_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, S, H,
+    def _qk_fwd_kernel(q_ptr, kn_ptr, kr_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, NR, S, H,
                        sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sr_b, sr_s, sc_b, sc_s,
-                       NOPE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # one token per program, all its heads
-        bi, si = row // S, row % S
+                       NOPE: tl.constexpr, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        # rows are (token, head) pairs, columns the head's [nope | rope] channels: whole head rows
+        # are read and written with unit stride; a rotary channel's pair partner is re-read (cached)
+        r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        tok, h = r // H, r % H
+        bi, si = tok // S, tok % S
         dt: tl.constexpr = qo_ptr.dtype.element_ty
-        width: tl.constexpr = NOPE + 2 * HALF
-        heads = tl.arange(0, BLOCK_H)
-        cols = tl.arange(0, BLOCK_NOPE)
-        pairs = tl.arange(0, BLOCK_HALF)
-        hm = heads < H
-        nm = hm[:, None] & (cols < NOPE)[None, :]
-        rm = hm[:, None] & (pairs < HALF)[None, :]
-        out = row * H * width + heads[:, None] * width
-        c = tl.load(cos_ptr + bi * sc_b + si * sc_s + pairs, mask=pairs < HALF, other=0.0).to(dt).to(tl.float32)
-        s = tl.load(sin_ptr + bi * sc_b + si * sc_s + pairs, mask=pairs < HALF, other=0.0).to(dt).to(tl.float32)
-        q_row = q_ptr + bi * sq_b + si * sq_s + heads[:, None] * sq_h
-        tl.store(qo_ptr + out + cols[None, :], tl.load(q_row + cols[None, :], mask=nm, other=0.0), mask=nm)
-        k_row = kn_ptr + bi * sk_b + si * sk_s + heads[:, None] * sk_h
-        tl.store(ko_ptr + out + cols[None, :], tl.load(k_row + cols[None, :], mask=nm, other=0.0), mask=nm)
-        x0 = tl.load(q_row + NOPE + 2 * pairs[None, :], mask=rm, other=0.0).to(tl.float32)
-        x1 = tl.load(q_row + NOPE + 2 * pairs[None, :] + 1, mask=rm, other=0.0).to(tl.float32)
-        y0, y1 = _rotate(x0, x1, c[None, :], s[None, :], dt)
-        tl.store(qo_ptr + out + NOPE + 2 * pairs[None, :], y0, mask=rm)
-        tl.store(qo_ptr + out + NOPE + 2 * pairs[None, :] + 1, y1, mask=rm)
-        r_row = kr_ptr + bi * sr_b + si * sr_s
-        r0 = tl.load(r_row + 2 * pairs, mask=pairs < HALF, other=0.0).to(tl.float32)
-        r1 = tl.load(r_row + 2 * pairs + 1, mask=pairs < HALF, other=0.0).to(tl.float32)
-        z0, z1 = _rotate(r0, r1, c, s, dt)
-        zero = tl.zeros((BLOCK_H, BLOCK_HALF), dtype=dt)
-        tl.store(ko_ptr + out + NOPE + 2 * pairs[None, :], zero + z0[None, :], mask=rm)
-        tl.store(ko_ptr + out + NOPE + 2 * pairs[None, :] + 1, zero + z1[None, :], mask=rm)
+        cols = tl.arange(0, BLOCK_D)
+        j = tl.maximum(cols - NOPE, 0)  # rotary channel
+        rope = (cols >= NOPE) & (cols < WIDTH)
+        sign = tl.where(j % 2 == 0, -1.0, 1.0)[None, :]  # y0 = x0 c - x1 s, y1 = x1 c + x0 s
+        rm = (r < NR)[:, None]
+        dm, nm, rpm = rm & (cols < WIDTH)[None, :], rm & (cols < NOPE)[None, :], rm & rope[None, :]
+        cs = (bi * sc_b + si * sc_s)[:, None] + (j // 2)[None, :]
+        c = tl.load(cos_ptr + cs, mask=rpm, other=0.0).to(dt).to(tl.float32)
+        s = tl.load(sin_ptr + cs, mask=rpm, other=0.0).to(dt).to(tl.float32)
+        q_row = (q_ptr + bi * sq_b + si * sq_s + h * sq_h)[:, None]
+        x = tl.load(q_row + cols[None, :], mask=dm, other=0.0)
+        xp = tl.load(q_row + (NOPE + (j ^ 1))[None, :], mask=rpm, other=0.0).to(tl.float32)
+        y = tl.where(rope[None, :], _rotated(x.to(tl.float32), xp, c, s, sign, dt), x.to(dt))
+        out = r[:, None] * WIDTH + cols[None, :]
+        tl.store(qo_ptr + out, y, mask=dm)
+        k = tl.load((kn_ptr + bi * sk_b + si * sk_s + h * sk_h)[:, None] + cols[None, :], mask=nm, other=0.0)
+        r_row = (kr_ptr + bi * sr_b + si * sr_s)[:, None]
+        z = tl.load(r_row + j[None, :], mask=rpm, other=0.0).to(tl.float32)
+        zp = tl.load(r_row + (j ^ 1)[None, :], mask=rpm, other=0.0).to(tl.float32)
+        tl.store(ko_ptr + out, tl.where(rope[None, :], _rotated(z, zp, c, s, sign, dt), k.to(dt)), mask=dm)
 
     @triton.jit
-    def _qk_bwd_kernel(dq_ptr, dk_ptr, cos_ptr, sin_ptr, gq_ptr, gr_ptr, S, H,
-                       sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sc_b, sc_s,
-                       NOPE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        bi, si = row // S, row % S
+    def _q_bwd_kernel(dq_ptr, cos_ptr, sin_ptr, gq_ptr, NR, S, H, sq_b, sq_s, sq_h, sc_b, sc_s,
+                      NOPE: tl.constexpr, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        tok, h = r // H, r % H
+        bi, si = tok // S, tok % S
         dt: tl.constexpr = gq_ptr.dtype.element_ty
-        width: tl.constexpr = NOPE + 2 * HALF
+        cols = tl.arange(0, BLOCK_D)
+        j = tl.maximum(cols - NOPE, 0)
+        rope = (cols >= NOPE) & (cols < WIDTH)
+        sign = tl.where(j % 2 == 0, 1.0, -1.0)[None, :]  # dx0 = d0 c + d1 s, dx1 = d1 c - d0 s
+        rm = (r < NR)[:, None]
+        dm, rpm = rm & (cols < WIDTH)[None, :], rm & rope[None, :]
+        cs = (bi * sc_b + si * sc_s)[:, None] + (j // 2)[None, :]
+        c = tl.load(cos_ptr + cs, mask=rpm, other=0.0).to(dt).to(tl.float32)
+        s = tl.load(sin_ptr + cs, mask=rpm, other=0.0).to(dt).to(tl.float32)
+        d_row = (dq_ptr + bi * sq_b + si * sq_s + h * sq_h)[:, None]
+        d = tl.load(d_row + cols[None, :], mask=dm, other=0.0)
+        dp = tl.load(d_row + (NOPE + (j ^ 1))[None, :], mask=rpm, other=0.0).to(tl.float32)
+        g = tl.where(rope[None, :], _rotated(d.to(tl.float32), dp, c, s, sign, dt), d.to(dt))
+        tl.store(gq_ptr + r[:, None] * WIDTH + cols[None, :], g, mask=dm)
+
+    @triton.jit
+    def _k_rope_bwd_kernel(dk_ptr, cos_ptr, sin_ptr, gr_ptr, T, S, H, sk_b, sk_s, sk_h, sc_b, sc_s,
+                           NOPE: tl.constexpr, R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_RP: tl.constexpr):
+        # the shared key's gradient: dk's rotary channels summed over heads (float32, rounded once
+        # as `sum` rounds), then the rotation's gradient
+        tok = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        bi, si = tok // S, tok % S
+        dt: tl.constexpr = gr_ptr.dtype.element_ty
         heads = tl.arange(0, BLOCK_H)
-        cols = tl.arange(0, BLOCK_NOPE)
-        pairs = tl.arange(0, BLOCK_HALF)
-        hm = heads < H
-        nm = hm[:, None] & (cols < NOPE)[None, :]
-        rm = hm[:, None] & (pairs < HALF)[None, :]
-        out = row * H * width + heads[:, None] * width
-        c = tl.load(cos_ptr + bi * sc_b + si * sc_s + pairs, mask=pairs < HALF, other=0.0).to(dt).to(tl.float32)
-        s = tl.load(sin_ptr + bi * sc_b + si * sc_s + pairs, mask=pairs < HALF, other=0.0).to(dt).to(tl.float32)
-        dq_row = dq_ptr + bi * sq_b + si * sq_s + heads[:, None] * sq_h
-        tl.store(gq_ptr + out + cols[None, :], tl.load(dq_row + cols[None, :], mask=nm, other=0.0), mask=nm)
-        d0 = tl.load(dq_row + NOPE + 2 * pairs[None, :], mask=rm, other=0.0).to(tl.float32)
-        d1 = tl.load(dq_row + NOPE + 2 * pairs[None, :] + 1, mask=rm, other=0.0).to(tl.float32)
-        g0, g1 = _unrotate(d0, d1, c[None, :], s[None, :], dt)
-        tl.store(gq_ptr + out + NOPE + 2 * pairs[None, :], g0, mask=rm)
-        tl.store(gq_ptr + out + NOPE + 2 * pairs[None, :] + 1, g1, mask=rm)
-        dk_row = dk_ptr + bi * sk_b + si * sk_s + heads[:, None] * sk_h
-        e0 = tl.sum(tl.load(dk_row + NOPE + 2 * pairs[None, :], mask=rm, other=0.0).to(tl.float32), axis=0)
-        e1 = tl.sum(tl.load(dk_row + NOPE + 2 * pairs[None, :] + 1, mask=rm, other=0.0).to(tl.float32), axis=0)
-        h0, h1 = _unrotate(e0.to(dt).to(tl.float32), e1.to(dt).to(tl.float32), c, s, dt)
-        gr = gr_ptr + row * 2 * HALF + 2 * pairs
-        tl.store(gr, h0, mask=pairs < HALF)
-        tl.store(gr + 1, h1, mask=pairs < HALF)
+        j = tl.arange(0, BLOCK_RP)
+        sign = tl.where(j % 2 == 0, 1.0, -1.0)[None, :]
+        tm = tok < T
+        jm = tm[:, None] & (j < R)[None, :]
+        m3 = tm[:, None, None] & (heads < H)[None, :, None] & (j < R)[None, None, :]
+        base = (dk_ptr + bi * sk_b + si * sk_s)[:, None, None] + (heads * sk_h)[None, :, None] + NOPE
+        e = tl.sum(tl.load(base + j[None, None, :], mask=m3, other=0.0).to(tl.float32), axis=1)
+        ep = tl.sum(tl.load(base + (j ^ 1)[None, None, :], mask=m3, other=0.0).to(tl.float32), axis=1)
+        cs = (bi * sc_b + si * sc_s)[:, None] + (j // 2)[None, :]
+        c = tl.load(cos_ptr + cs, mask=jm, other=0.0).to(dt).to(tl.float32)
+        s = tl.load(sin_ptr + cs, mask=jm, other=0.0).to(dt).to(tl.float32)
+        g = _rotated(e.to(dt).to(tl.float32), ep.to(dt).to(tl.float32), c, s, sign, dt)
+        tl.store(gr_ptr + tok[:, None] * R + j[None, :], g, mask=jm)
 
 
 def _unit_last(t: Tensor) -> Tensor:
@@ -156,10 +157,11 @@ def _cos_sin(cos: Tensor, sin: Tensor, b: int, s: int) -> tuple[Tensor, Tensor, 
     return cos, sin, cos.stride(0), cos.stride(1)
 
 
-def _launch_shape(h: int, nope: int, half: int) -> dict[str, int]:
-    block_h = triton.next_power_of_2(h)
-    return dict(NOPE=nope, HALF=half, BLOCK_H=block_h, BLOCK_NOPE=triton.next_power_of_2(nope),
-                BLOCK_HALF=triton.next_power_of_2(half), num_warps=4 if block_h * nope <= 8192 else 8)
+def _rows_launch(b: int, s: int, h: int, width: int) -> tuple[tuple[int], dict[str, int]]:
+    """Grid and tile of the (token, head)-row kernels: ~4K elements per program."""
+    block_d = triton.next_power_of_2(width)
+    block_r = max(1, 4096 // block_d)
+    return (triton.cdiv(b * s * h, block_r),), dict(WIDTH=width, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
 
 
 class AssembleQKFunction(torch.autograd.Function):
@@ -177,10 +179,10 @@ class AssembleQKFunction(torch.autograd.Function):
         q_out = torch.empty((b, s, h, nope + r), device=q.device, dtype=q.dtype)
         k_out = torch.empty_like(q_out)
         if q_out.numel():
-            _qk_fwd_kernel[(b * s,)](q, k_nope, k_rope, cos, sin, q_out, k_out, s, h,
-                                     q.stride(0), q.stride(1), q.stride(2), k_nope.stride(0), k_nope.stride(1),
-                                     k_nope.stride(2), k_rope.stride(0), k_rope.stride(1), sc_b, sc_s,
-                                     **_launch_shape(h, nope, r // 2))
+            grid, tile = _rows_launch(b, s, h, nope + r)
+            _qk_fwd_kernel[grid](q, k_nope, k_rope, cos, sin, q_out, k_out, b * s * h, s, h,
+                                 q.stride(0), q.stride(1), q.stride(2), k_nope.stride(0), k_nope.stride(1),
+                                 k_nope.stride(2), k_rope.stride(0), k_rope.stride(1), sc_b, sc_s, NOPE=nope, **tile)
         ctx.save_for_backward(cos, sin)
         ctx.nope = nope
         return q_out, k_out
@@ -195,9 +197,14 @@ class AssembleQKFunction(torch.autograd.Function):
         grad_q = torch.empty((b, s, h, width), device=dq.device, dtype=dq.dtype)
         grad_rope = torch.empty((b, s, r), device=dq.device, dtype=dk.dtype)
         if grad_q.numel():
-            _qk_bwd_kernel[(b * s,)](dq, dk, cos, sin, grad_q, grad_rope, s, h, dq.stride(0), dq.stride(1),
-                                     dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), cos.stride(0),
-                                     cos.stride(1), **_launch_shape(h, nope, r // 2))
+            grid, tile = _rows_launch(b, s, h, width)
+            _q_bwd_kernel[grid](dq, cos, sin, grad_q, b * s * h, s, h, dq.stride(0), dq.stride(1), dq.stride(2),
+                                cos.stride(0), cos.stride(1), NOPE=nope, **tile)
+            block_h, block_rp = triton.next_power_of_2(h), triton.next_power_of_2(r)
+            block_t = max(1, 4096 // (block_h * block_rp))
+            _k_rope_bwd_kernel[(triton.cdiv(b * s, block_t),)](
+                dk, cos, sin, grad_rope, b * s, s, h, dk.stride(0), dk.stride(1), dk.stride(2), cos.stride(0),
+                cos.stride(1), NOPE=nope, R=r, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_RP=block_rp, num_warps=4)
         return grad_q, dk[..., :nope], grad_rope, None, None
 
 
