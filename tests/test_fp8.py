@@ -753,7 +753,7 @@ def test_compiled_fp8_layers_equal_eager(recipe: str, experts: bool) -> None:
 def test_compiled_fp8_layers_equal_eager_on_cpu(recipe: str, experts: bool) -> None:
     """The same through AOT autograd on CPU (the float32 emulation inside the same custom ops). The
     experts' bf16 output may differ by an ulp in a few elements (2 of 98,304 on an AVX2 CPU: a
-    float32 summation order flips a rounding; exact on AVX-512); a wrong or missing product is off by
+    float32 summation order flips a rounding; other CPUs match exactly); a wrong or missing product is off by
     orders of magnitude more."""
     assert max(_compiled_vs_eager(recipe, "cpu", experts, backend="aot_eager")) < (1e-4 if experts else 1e-5)
 

@@ -174,6 +174,42 @@ def test_train_step_moves_expert_biases_by_the_configured_speed(aux_loss_free: b
     assert all(m.expert_load.sum() == 0 for m in model.moe_layers())  # statistics reset for the next step
 
 
+def test_gradient_clip_folded_into_fused_adamw_equals_clipping_the_gradients() -> None:
+    """A fused AdamW (what plain CUDA parameters get) takes the clip as its grad_scale instead of a
+    pass that scales every gradient: same norm, same weights to float32 rounding as the foreach
+    AdamW on clipped gradients, a clip that binds (weights differ from an unclipped run), and the
+    hook released after each step."""
+    from lit_deepseek.config import DeepSeekConfig
+    from lit_deepseek.model import DeepSeekV3
+    from lit_deepseek.training.optim import build_adamw
+    from lit_deepseek.training.step import make_loss_fn, train_step
+
+    runs = {}
+    for name, fused, clip in (("folded", True, 0.05), ("scaled", False, 0.05), ("unclipped", True, 0.0)):
+        cfg = DeepSeekConfig(model=tiny_model_config(router_aux_loss_weight=0.0),
+                             training=TrainingConfig(global_batch_size=4, micro_batch_size=2, seq_length=16,
+                                                     grad_clip=clip, learning_rate=1e-2))
+        plan = LocalPlan()
+        torch.manual_seed(0)
+        model = plan.parallelize(DeepSeekV3(cfg.model), cfg)
+        model.init_weights(seed=0)
+        optimizer = build_adamw([model], cfg.training, fused=fused, foreach=None if fused else True)
+        norms = []
+        for step in range(3):
+            batch = _step_batch(cfg.model.vocab_size, 2, 2, 16, seed=step)
+            result = train_step(plan, model, batch, optimizer, cfg.training, make_loss_fn(cfg.model, cfg.training))
+            norms.append(result.grad_norm.item())
+            assert getattr(optimizer, "grad_scale", None) is None
+        runs[name] = (norms, {n: p.detach().clone() for n, p in model.named_parameters()})
+    (nf, wf), (ns, ws), (_, wu) = runs["folded"], runs["scaled"], runs["unclipped"]
+    assert min(nf) > 0.05 * 10  # the clip binds on every step
+    assert nf == pytest.approx(ns, rel=1e-5)
+    for name in wf:
+        # 3 AdamW steps at lr 1e-2: measured <= 6e-6 apart (fused vs foreach kernels and x / (1 / c))
+        torch.testing.assert_close(wf[name], ws[name], rtol=0, atol=2e-5, msg=name)
+    assert max((wf[n] - wu[n]).abs().max().item() for n in wf) > 1e-3
+
+
 def test_activation_checkpointing_keeps_a_later_fp8_conversion() -> None:
     """parallelize checkpoints blocks before converting to FP8: the converted experts must run."""
     from lit_deepseek.kernels.fp8 import convert_to_fp8

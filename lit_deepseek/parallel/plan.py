@@ -178,7 +178,9 @@ class DistributedPlan:
         return out
 
     # ------------------------------------------------------------------ gradients
-    def clip_grad_norm(self, parameters: Iterable[Tensor], max_norm: float) -> Tensor:
+    def clip_grad_norm(self, parameters: Iterable[Tensor], max_norm: float, optimizer: Any = None) -> Tensor:
+        """The clip scales the gradients (DTensor parameters take the foreach AdamW, which has no
+        grad_scale hook), so ``optimizer`` is not used."""
         params = list(parameters)
         named = [(self._names.get(id(p), ""), p) for p in params if id(p) not in self._duplicates]
         norm = global_grad_norm(named, self.coordinate, MESH_ALIASES, device=self.layout.device())

@@ -303,7 +303,9 @@ def global_grad_norm(named_params: Iterable[tuple[str, nn.Parameter]], coordinat
 @torch.no_grad()
 def clip_grads_(params: Iterable[Tensor], max_norm: float, total_norm: Tensor) -> None:
     """Scale gradients in place so that their global norm is at most max_norm."""
-    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    from lit_deepseek.training.optim import clip_coefficient
+
+    coef = clip_coefficient(total_norm, max_norm)
     for p in params:
         if p.grad is not None:
             local_tensor(p.grad).mul_(coef.to(local_tensor(p.grad).device))

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lit_deepseek.config import TrainingConfig
 
@@ -37,6 +37,43 @@ def build_adamw(parts: list[nn.Module], cfg: TrainingConfig, **overrides: Any) -
     if params and all(p.is_cuda and type(p) is nn.Parameter for p in params):
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **{**kwargs, **overrides})
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """The factor that brings gradients of global norm `total_norm` to at most max_norm (1 when
+    they are within it), as `torch.nn.utils.clip_grad_norm_` computes it."""
+    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+
+
+def _unwrapped(optimizer: Any) -> Any:
+    """The torch optimizer inside Lightning's or Fabric's wrapper."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def fold_grad_clip(optimizer: Any, coef: Tensor) -> bool:
+    """Hand a clip coefficient to a fused Adam/AdamW instead of scaling every gradient: its one
+    kernel divides each gradient by ``grad_scale`` (the hook AMP's unscaling uses), so the clip
+    costs no pass over the gradients. The result equals clipping first up to float32 rounding
+    (x / (1 / c) for x * c). False, and nothing set, for any other optimizer. `release_grad_clip`
+    after the step."""
+    inner = _unwrapped(optimizer)
+    if not isinstance(inner, torch.optim.Adam) or not all(g.get("fused") for g in inner.param_groups):
+        return False
+    if getattr(inner, "grad_scale", None) is not None:  # someone else (a GradScaler) owns the hook
+        return False
+    inner.grad_scale = coef.reciprocal().float()
+    inner._lit_deepseek_clip = True
+    return True
+
+
+def release_grad_clip(optimizer: Any) -> None:
+    """Undo `fold_grad_clip` once the optimizer has stepped (or the step was skipped)."""
+    inner = _unwrapped(optimizer)
+    if getattr(inner, "_lit_deepseek_clip", False):
+        inner.grad_scale = None
+        inner._lit_deepseek_clip = False
 
 
 def lr_multiplier(step: int, cfg: TrainingConfig) -> float:

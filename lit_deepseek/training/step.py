@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_deepseek.training.loss import LossParts, model_loss
+from lit_deepseek.training.optim import release_grad_clip
 
 if TYPE_CHECKING:
     from lit_deepseek.config import DeepSeekConfig, ModelConfig, MoEConfig, TrainingConfig
@@ -57,8 +58,9 @@ class Plan(Protocol):
     def evaluate(self, model: nn.Module, batch: dict, loss_fn: LossFn) -> LossParts:
         ...
 
-    def clip_grad_norm(self, parameters: Iterable[Tensor], max_norm: float) -> Tensor:
-        """Global gradient norm (each element counted once), clipping to max_norm when > 0."""
+    def clip_grad_norm(self, parameters: Iterable[Tensor], max_norm: float, optimizer: Any = None) -> Tensor:
+        """Global gradient norm (each element counted once), clipping to max_norm when > 0. With
+        ``optimizer`` given, the plan may fold the clip into its step (`fold_grad_clip`)."""
         ...
 
     def all_reduce_expert_load(self, load: Tensor) -> Tensor:
@@ -187,11 +189,16 @@ class LocalPlan:
         h, mtp = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True)
         return loss_fn(model, h, mtp, batch["labels"]).detach()
 
-    def clip_grad_norm(self, parameters: Iterable[Tensor], max_norm: float) -> Tensor:
+    def clip_grad_norm(self, parameters: Iterable[Tensor], max_norm: float, optimizer: Any = None) -> Tensor:
+        """A fused AdamW (plain CUDA parameters) takes the clip inside its step: one pass over the
+        gradients (the norm) instead of two (norm and scale); any other optimizer gets them scaled."""
+        from lit_deepseek.training.optim import clip_coefficient, fold_grad_clip
+
         params = [p for p in parameters if p.grad is not None]
-        if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if max_norm > 0 and not (optimizer is not None and fold_grad_clip(optimizer, clip_coefficient(norm, max_norm))):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
 
     def all_reduce_expert_load(self, load: Tensor) -> Tensor:
         return load
@@ -286,13 +293,17 @@ def train_step(plan: Plan, model: nn.Module, batch: dict, optimizer: Any, traini
     # the device once, on the finiteness of both (and every rank joins the norm's collectives). A
     # finite loss can still come with an overflowing gradient; stepping on either would poison the
     # weights.
-    grad_norm = plan.clip_grad_norm([p for part in parts for p in part.parameters()], training.grad_clip)
+    # (Under 16-mixed a GradScaler owns the optimizer's grad_scale hook, so the clip is not folded.)
+    fold = optimizer if training.precision != "16-mixed" else None
+    grad_norm = plan.clip_grad_norm([p for part in parts for p in part.parameters()], training.grad_clip, fold)
     if not bool(torch.isfinite(loss.total) & torch.isfinite(grad_norm)):
+        release_grad_clip(optimizer)
         optimizer.zero_grad(set_to_none=True)
         for layer in moe_layers(parts):
             layer.reset_stats()
         return StepResult(loss, None)
     optimizer.step()  # ExpertBalance.update runs as its post-step hook
+    release_grad_clip(optimizer)
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
