@@ -180,16 +180,18 @@ def test_layers_take_the_kernels_eagerly_and_the_references_when_compiled(monkey
         normed = norm(x)
         h = ffn(normed)
         assert torch.equal(normed, rms.RMSNormFunction.apply(x, norm.weight, norm.eps))
-        gate, up = ffn.gate_proj(normed), ffn.up_proj(normed)
+        gate, up = eager.project_siblings(normed, ffn.gate_proj, ffn.up_proj)  # one GEMM, as the layer runs
         assert torch.equal(h, ffn.down_proj(sw.SwiGLUFunction.apply(gate, up)))
         normed_c = torch.compile(norm, fullgraph=True)(x)
         h_c = torch.compile(ffn, fullgraph=True)(normed)
     assert normed.dtype == torch.float32 and h.dtype == torch.bfloat16
     assert rms.fused_applies(x, norm.weight) and sw.fused_applies(gate, up)
+    assert eager.siblings_fuse(normed, ffn.gate_proj, ffn.up_proj) and gate.data_ptr() + 2 * 2560 == up.data_ptr()
     assert (normed_c - normed).abs().max().item() <= 8e-3 * normed.abs().max().item()
     assert (h_c.float() - h.float()).abs().max().item() <= 2e-2 * h.float().abs().max().item()
     monkeypatch.setenv(eager.ENV, "torch")
     assert not rms.fused_applies(x, norm.weight) and not sw.fused_applies(gate, up)
+    assert not eager.siblings_fuse(normed, ffn.gate_proj, ffn.up_proj)
 
 
 def test_eager_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,7 +232,7 @@ def test_eager_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 _MODEL_CASE = r"""
 import torch
-from lit_deepseek.kernels import mla_rope, rms_norm, swiglu
+from lit_deepseek.kernels import eager, mla_rope, rms_norm, swiglu
 from lit_deepseek.model import DeepSeekV3
 from lit_deepseek.model.moe import GroupedExperts
 from lit_deepseek.training.loss import model_loss
@@ -240,7 +242,7 @@ from tests.conftest import tiny_model_config
 plain_forward = GroupedExperts.forward
 GroupedExperts.forward = lambda self, x, counts, use_grouped_mm=None: plain_forward(
     self, x, counts, x.dtype == torch.bfloat16 if use_grouped_mm is None else use_grouped_mm)
-calls = {{"RMSNorm": 0, "SwiGLU": 0, "MLA RoPE": 0}}
+calls = {{"RMSNorm": 0, "SwiGLU": 0, "MLA RoPE": 0, "siblings": 0}}
 
 
 def forced(kind):
@@ -263,6 +265,7 @@ for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
         rms_norm.fused_applies = forced("RMSNorm") if kernels else (lambda *t: False)
         swiglu.fused_applies = forced("SwiGLU") if kernels else (lambda *t: False)
         mla_rope.fused_applies = forced("MLA RoPE") if kernels else (lambda *t: False)
+        eager.siblings_fuse = forced("siblings") if kernels else (lambda *t: False)
         model = DeepSeekV3(cfg).to(dtype)
         model.load_state_dict(base.state_dict())
         h, mtp = model(ids, return_hidden=True)
@@ -276,21 +279,22 @@ for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
     name = max(errs, key=errs.get)
     worst[str(dtype)] = (abs(l1 - l2).item() / l2.item(), name, errs[name])
     assert abs(l1 - l2).item() <= bound * l2.item() and errs[name] <= bound, worst
-print(calls["RMSNorm"], calls["SwiGLU"], calls["MLA RoPE"], worst)
+print(calls["RMSNorm"], calls["SwiGLU"], calls["MLA RoPE"], calls["siblings"], worst)
 """
 
 
 @needs_triton
 def test_model_with_the_kernels_equals_the_model_with_the_references_interpreted() -> None:
     """Every call site (block, latent, final and MTP norms; dense, shared and routed SwiGLU, the
-    routed ones through the grouped GEMM in bf16; each attention's queries and keys) runs the kernels, interpreted on CPU tensors, and
+    routed ones through the grouped GEMM in bf16; each attention's queries and keys; the sibling
+    projections as one GEMM) runs the kernels, interpreted on CPU tensors, and
     the loss and every parameter gradient equal the reference model's: 1e-5 relative in float32,
     5e-2 in bf16 (measured 2e-2; the interpreter rounds bf16 towards zero)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", _MODEL_CASE.format()], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    norms, swiglus, ropes = (int(v) for v in proc.stdout.split()[:3])
+    norms, swiglus, ropes, siblings = (int(v) for v in proc.stdout.split()[:4])
     cfg_layers = 3 + 1  # tiny config: 3 layers and one MTP block
     # per layer: block norms (2) and latent norms (2); final norm; MTP: two input norms and its own
     assert norms == 2 * (cfg_layers * 4 + 1 + 3), proc.stdout
@@ -299,6 +303,8 @@ def test_model_with_the_kernels_equals_the_model_with_the_references_interpreted
     moe_blocks = cfg_layers - 1
     assert swiglus == (1 + moe_blocks) + (1 + 2 * moe_blocks), proc.stdout
     assert ropes == 2 * cfg_layers, proc.stdout  # each attention's queries and keys, both dtypes
+    # one GEMM for each attention's two down-projections and each dense or shared SwiGLU's gate and up
+    assert siblings == 2 * (cfg_layers + 1 + moe_blocks), proc.stdout
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""When the eager Triton kernels (`rms_norm`, `swiglu`) replace their PyTorch references.
+"""When the eager fast paths (the Triton kernels `rms_norm`, `swiglu`, `mla_rope`, and sibling
+projections run as one GEMM) replace their PyTorch references.
 
 Outside `torch.compile`, each of these layers is a chain of small PyTorch kernels that autograd
 also keeps intermediates of; inside a compiled region Inductor fuses the same chain by itself. So
@@ -16,7 +17,8 @@ import os
 import warnings
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from lit_deepseek.kernels import is_dtensor
 
@@ -57,6 +59,30 @@ def triton_applies(kind: str, *tensors: Tensor) -> bool:
     return True
 
 
+def siblings_fuse(x: Tensor, *linears: nn.Module) -> bool:
+    """Whether projections of the same input (a SwiGLU's gate and up; MLA's query and KV
+    down-projections) run as one GEMM over their concatenated weights: plain bias-free
+    `nn.Linear`s (not FP8 layers, which fuse their own way) of one weight dtype, a CUDA input outside
+    compiled regions, no DTensors, and LIT_DEEPSEEK_EAGER_KERNELS not ``torch``.
+
+    Under autocast with float32 activations (bf16-mixed) each projection casts its input to bf16
+    again and, in backward, casts its input gradient back and adds it to the others'; one GEMM casts
+    once and returns one input gradient, accumulated over all outputs in the GEMM's float32."""
+    if not x.is_cuda or torch.compiler.is_compiling() or is_dtensor(x) or backend() == "torch":
+        return False
+    weights = [lin.weight for lin in linears if type(lin) is nn.Linear and lin.bias is None]
+    return (len(weights) == len(linears) and len({w.dtype for w in weights}) == 1
+            and not any(is_dtensor(w) for w in weights))
+
+
+def project_siblings(x: Tensor, *linears: nn.Linear) -> tuple[Tensor, ...]:
+    """The outputs of `linears` on x, as one GEMM where `siblings_fuse`, else one each."""
+    if not siblings_fuse(x, *linears):
+        return tuple(lin(x) for lin in linears)
+    out = F.linear(x, torch.cat([lin.weight for lin in linears]))
+    return out.split([lin.out_features for lin in linears], dim=-1)
+
+
 def as_rows(t: Tensor) -> Tensor:
     """t as [rows, last dim] with unit stride along the last dim, the layout the kernels read: a view
     where the layout allows it (a slice of a wider projection keeps its row stride), else a copy."""
@@ -64,4 +90,4 @@ def as_rows(t: Tensor) -> Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-__all__ = ["ENV", "HAS_TRITON", "as_rows", "backend", "triton_applies"]
+__all__ = ["ENV", "HAS_TRITON", "as_rows", "backend", "project_siblings", "siblings_fuse", "triton_applies"]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lit_deepseek.config import MLAConfig
+from lit_deepseek.kernels.eager import project_siblings
 from lit_deepseek.kernels.mla_rope import assemble_qk
 from lit_deepseek.model.norm import RMSNorm
 from lit_deepseek.model.rope import apply_rotary, softmax_scale
@@ -75,20 +76,20 @@ class MultiHeadLatentAttention(nn.Module):
         self.softmax_scale = softmax_scale(mla)
 
     # ------------------------------------------------------------------ pieces
-    def _queries(self, x: Tensor) -> Tensor:
-        """Per-head queries [B, S, H, nope + R], the rotary part not yet rotated."""
+    def _projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head queries [B, S, H, nope + R] (rotary part not yet rotated), the normed KV latent
+        [B, S, d_latent] and the shared rotary key [B, S, R] (not yet rotated). The query and KV
+        down-projections share their input: one GEMM in eager CUDA steps (`project_siblings`)."""
         b, s, _ = x.shape
         if self.mla.d_q_latent > 0:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_latent, kv = project_siblings(x, self.q_a_proj, self.kv_a_proj_with_mqa)
+            q = self.q_b_proj(self.q_a_layernorm(q_latent))
         else:
-            q = self.q_proj(x)
+            q, kv = project_siblings(x, self.q_proj, self.kv_a_proj_with_mqa)
+        kv_latent, k_rope = kv.split([self.d_latent, self.qk_rope_head_dim], dim=-1)
         # -1: the heads this module holds (all of them, or this rank's share under tensor parallelism)
-        return q.view(b, s, -1, self.qk_nope_head_dim + self.qk_rope_head_dim)
-
-    def _latents(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Normed KV latent [B, S, d_latent] and the shared rotary key [B, S, R], not yet rotated."""
-        kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.d_latent, self.qk_rope_head_dim], dim=-1)
-        return self.kv_a_layernorm(kv_latent), k_rope
+        q = q.view(b, s, -1, self.qk_nope_head_dim + self.qk_rope_head_dim)
+        return q, self.kv_a_layernorm(kv_latent), k_rope
 
     def _rotated(self, q: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(q_nope, rotated q_rope, rotated shared key [B, S, R]) for the absorbed and cached forms."""
@@ -101,8 +102,7 @@ class MultiHeadLatentAttention(nn.Module):
         """x [B, S, D]; cos/sin [1 or B, S, R/2] for the absolute positions of x; mask [B, 1, S, S_kv]
         bool (True = attend) or None for causal. With a cache, x's latents are appended to it and
         attention covers everything cached so far (absorbed form)."""
-        q = self._queries(x)
-        kv_latent, k_rope = self._latents(x)
+        q, kv_latent, k_rope = self._projections(x)
         if cache is None and not absorb:
             return self._decompressed(q, kv_latent, k_rope, cos, sin, mask)
         if cache is not None and not isinstance(cache, LatentKVCache) and cache.is_prefill:

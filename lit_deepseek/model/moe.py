@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_deepseek.config import ModelConfig, MoEConfig
+from lit_deepseek.kernels.eager import project_siblings
 from lit_deepseek.kernels.swiglu import swiglu
 from lit_deepseek.model.dispatch import LocalDispatcher, TokenDispatcher, is_recomputing
 from lit_deepseek.precision import compute_dtype
@@ -35,7 +36,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        # gate and up as one GEMM in eager CUDA steps (`lit_deepseek.kernels.eager.project_siblings`)
+        return self.down_proj(swiglu(*project_siblings(x, self.gate_proj, self.up_proj)))
 
 
 def _grouped_mm_fn() -> Any:
