@@ -58,30 +58,34 @@ def compare(label, got, want, tol, names=("out", "grad 1", "grad 2")):
                 bad.append(f"{{label}} {{name}}: relative error {{err:.2e}} > {{tol}}")
 
 
-# RMSNorm: (rows, width, x dtype, weight dtype, strided x, broadcast dy)
-for rows, n, xd, wd, strided, broadcast in [
-    (37, 96, torch.float32, torch.float32, False, False),
-    (64, 1024, torch.float32, torch.float32, False, False),
-    (50, 1000, torch.bfloat16, torch.float32, False, False),
-    (33, 256, torch.bfloat16, torch.float32, True, False),
-    (40, 512, torch.bfloat16, torch.bfloat16, False, False),
-    (3, 7168, torch.bfloat16, torch.float32, False, False),
-    (29, 320, torch.float32, torch.float32, True, True),
-    (0, 64, torch.float32, torch.float32, False, False),
+# RMSNorm: (rows, width, x dtype, weight dtype, strided x, broadcast dy, asked output dtype)
+# (an asked bf16 output: a norm feeding matmuls under autocast, float32 residual or bf16 latent in)
+for rows, n, xd, wd, strided, broadcast, od in [
+    (37, 96, torch.float32, torch.float32, False, False, None),
+    (64, 1024, torch.float32, torch.float32, False, False, None),
+    (50, 1000, torch.bfloat16, torch.float32, False, False, None),
+    (33, 256, torch.bfloat16, torch.float32, True, False, None),
+    (40, 512, torch.bfloat16, torch.bfloat16, False, False, None),
+    (3, 7168, torch.bfloat16, torch.float32, False, False, None),
+    (29, 320, torch.float32, torch.float32, True, True, None),
+    (0, 64, torch.float32, torch.float32, False, False, None),
+    (48, 1024, torch.float32, torch.float32, False, False, torch.bfloat16),
+    (31, 512, torch.bfloat16, torch.float32, True, False, torch.bfloat16),
 ]:
     base = torch.randn(2, rows, n + (32 if strided else 0), device=device) * 3
     w = 1 + 0.1 * torch.randn(n, device=device)
-    out_dtype = torch.promote_types(wd, xd)
+    out_dtype = od or torch.promote_types(wd, xd)
     dy = (torch.randn(n, device=device).expand(2, rows, n) if broadcast
           else torch.randn(2, rows, n, device=device)).to(out_dtype)
     results = []
     for fn in (RMSNormFunction.apply, rms_norm_reference):
         x = base.to(xd)[..., :n].detach().requires_grad_()  # a strided view when strided
         wi = w.to(wd).requires_grad_()
-        y = fn(x, wi, 1e-6)
+        y = fn(x, wi, 1e-6, od)
         y.backward(dy)
         results.append([y.detach(), x.grad, wi.grad])
-    compare(f"rms_norm{{(rows, n, str(xd), str(wd), strided, broadcast)}}", *results, tolerance(xd, wd))
+    compare(f"rms_norm{{(rows, n, str(xd), str(wd), strided, broadcast, str(od))}}", *results,
+            tolerance(xd, wd, out_dtype))
 
 # SwiGLU: (leading shape, width, dtype, gate and up as halves of one fused product)
 for lead, n, dt, fused in [
@@ -180,6 +184,8 @@ def test_layers_take_the_kernels_eagerly_and_the_references_when_compiled(monkey
         normed = norm(x)
         h = ffn(normed)
         assert torch.equal(normed, rms.RMSNormFunction.apply(x, norm.weight, norm.eps))
+        # feeding matmuls, the norm writes bf16 itself: autocast's round-to-nearest cast of its output
+        assert torch.equal(norm(x, for_matmul=True), normed.to(torch.bfloat16))
         gate, up = eager.project_siblings(normed, ffn.gate_proj, ffn.up_proj)  # one GEMM, as the layer runs
         assert torch.equal(h, ffn.down_proj(sw.SwiGLUFunction.apply(gate, up)))
         normed_c = torch.compile(norm, fullgraph=True)(x)
@@ -200,6 +206,10 @@ def test_eager_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     x, w = torch.randn(3, 8), torch.ones(8)
     assert not rms.fused_applies(x, w) and not sw.fused_applies(x, x)
     assert torch.equal(rms.rms_norm(x, w, 1e-6), rms.rms_norm_reference(x, w, 1e-6))
+    norm = RMSNorm(8)
+    assert torch.equal(norm(x, for_matmul=True), norm(x))  # no autocast: the matmul dtype is x's
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(norm(x, for_matmul=True), norm(x).to(torch.bfloat16)) and norm(x).dtype == torch.float32
     assert torch.equal(sw.swiglu(x, x), sw.swiglu_reference(x, x))
     q, k_nope, k_rope = torch.randn(1, 2, 3, 12), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4)
     cos, sin = torch.randn(1, 2, 2), torch.randn(1, 2, 2)

@@ -9,7 +9,11 @@ norm of a [32768, 1024] activation on an H100, ~60 norms per step of the small c
 The kernels reproduce the reference's roundings: the normalised activation is rounded to the input
 dtype before the gain multiplies it, the gradient reaching it is rounded to the input dtype as
 autograd does, and the output dtype is the promotion of the gain's and the input's dtypes (float32
-under bf16-mixed, whose gains are float32). The sums run in another order, so results agree to
+under bf16-mixed, whose gains are float32) unless the caller names one: a norm whose output only
+feeds matmuls asks for the matmul dtype (`lit_deepseek.precision.compute_dtype`), so under
+autocast it writes bf16 once instead of float32 that each projection then casts (the same
+round-to-nearest values; the bf16 gradient it receives is what the cast's backward would widen).
+The sums run in another order, so results agree to
 float32 rounding, not bit for bit (tests/test_rms_norm.py).
 
 `rms_norm` picks the path as `lit_deepseek.kernels.eager` says: the kernels for CUDA tensors
@@ -32,11 +36,13 @@ if HAS_TRITON:
     import triton.language as tl
 
 
-def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """weight * (x / rms(x)), the normalisation in float32, rounded to x's dtype before the gain."""
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
+    """weight * (x / rms(x)), the normalisation in float32, rounded to x's dtype before the gain;
+    the product rounded to `out_dtype` when given."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    y = weight * x32.to(x.dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def fused_applies(x: Tensor, weight: Tensor) -> bool:
@@ -44,11 +50,12 @@ def fused_applies(x: Tensor, weight: Tensor) -> bool:
     return triton_applies("RMSNorm", x, weight)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dim: the Triton kernels where `fused_applies`, else the reference."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
+    """RMSNorm over the last dim: the Triton kernels where `fused_applies`, else the reference.
+    The output dtype is `out_dtype`, or the promotion of x's and the gain's when None."""
     if fused_applies(x, weight):
-        return RMSNormFunction.apply(x, weight, eps)
-    return rms_norm_reference(x, weight, eps)
+        return RMSNormFunction.apply(x, weight, eps, out_dtype)
+    return rms_norm_reference(x, weight, eps, out_dtype)
 
 
 if HAS_TRITON:
@@ -110,13 +117,13 @@ class RMSNormFunction(torch.autograd.Function):
     """The Triton forward and backward of `rms_norm_reference` (x any float dtype, weight [N])."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
         n = x.shape[-1]
         if weight.shape != (n,):
             raise ValueError(f"RMSNorm: weight of shape {tuple(weight.shape)} for inputs with {n} channels")
         x2 = as_rows(x)
         m = x2.shape[0]
-        y = torch.empty((m, n), device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+        y = torch.empty((m, n), device=x.device, dtype=out_dtype or torch.promote_types(weight.dtype, x.dtype))
         rstd = torch.empty(m, device=x.device, dtype=torch.float32)
         block_m, block_n, warps = _tiles(n)
         if m:
@@ -127,7 +134,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], n)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, Tensor, None, None]:
         x2, weight, rstd = ctx.saved_tensors
         m, n = x2.shape
         dy2 = as_rows(dy)
@@ -141,7 +148,7 @@ class RMSNormFunction(torch.autograd.Function):
                                           dx.stride(0), rows_per_program, BLOCK_M=block_m, BLOCK_N=block_n,
                                           num_warps=warps)
         dw = dw_parts.sum(0).to(weight.dtype)
-        return dx.view(ctx.shape), dw, None
+        return dx.view(ctx.shape), dw, None, None
 
 
 __all__ = ["RMSNormFunction", "fused_applies", "rms_norm", "rms_norm_reference"]

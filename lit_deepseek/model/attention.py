@@ -83,13 +83,13 @@ class MultiHeadLatentAttention(nn.Module):
         b, s, _ = x.shape
         if self.mla.d_q_latent > 0:
             q_latent, kv = project_siblings(x, self.q_a_proj, self.kv_a_proj_with_mqa)
-            q = self.q_b_proj(self.q_a_layernorm(q_latent))
+            q = self.q_b_proj(self.q_a_layernorm(q_latent, for_matmul=True))
         else:
             q, kv = project_siblings(x, self.q_proj, self.kv_a_proj_with_mqa)
         kv_latent, k_rope = kv.split([self.d_latent, self.qk_rope_head_dim], dim=-1)
         # -1: the heads this module holds (all of them, or this rank's share under tensor parallelism)
         q = q.view(b, s, -1, self.qk_nope_head_dim + self.qk_rope_head_dim)
-        return q, self.kv_a_layernorm(kv_latent), k_rope
+        return q, self.kv_a_layernorm(kv_latent, for_matmul=True), k_rope
 
     def _rotated(self, q: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(q_nope, rotated q_rope, rotated shared key [B, S, R]) for the absorbed and cached forms."""

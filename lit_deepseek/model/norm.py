@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_deepseek.kernels.rms_norm import rms_norm
+from lit_deepseek.precision import compute_dtype
 
 
 class RMSNorm(nn.Module):
@@ -26,8 +27,10 @@ class RMSNorm(nn.Module):
             with torch.no_grad():
                 self.weight.fill_(1.0)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: Tensor, for_matmul: bool = False) -> Tensor:
+        """`for_matmul`: the output feeds matmuls only, so it comes in their dtype (bf16 under
+        autocast, where the projections would cast it anyway; unchanged without autocast)."""
+        return rms_norm(x, self.weight, self.eps, compute_dtype(x) if for_matmul else None)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

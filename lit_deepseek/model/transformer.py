@@ -37,8 +37,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
                 cache: LatentKVCache | PagedLatentCache | None = None, absorb: bool = False) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache=cache, absorb=absorb)
-        return x + self.ffn(self.ffn_norm(x))
+        # the attention's input and a dense FFN's feed matmuls only; the router reads its input in float32
+        x = x + self.attn(self.attn_norm(x, for_matmul=True), cos, sin, mask, cache=cache, absorb=absorb)
+        return x + self.ffn(self.ffn_norm(x, for_matmul=isinstance(self.ffn, SwiGLU)))
 
 
 class DeepSeekV3(nn.Module):
