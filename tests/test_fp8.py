@@ -774,7 +774,10 @@ cases = [("quantize_1x128", spread(70, 200).bfloat16()), ("quantize_1x128", spre
          # (a weight gradient's x.t(): tokens along the row)
          ("quantize_rows", spread(6, 4200).bfloat16()), ("quantize_rows", spread(4500, 40).bfloat16().t()),
          ("quantize_rows", spread(4096, 512).t()), ("quantize_rows", spread(4096, 128).bfloat16()),
-         ("quantize_1x128_dual", spread(300, 200).bfloat16()), ("quantize_1x128_dual", spread(128, 256))]
+         ("quantize_1x128_dual", spread(300, 200).bfloat16()), ("quantize_1x128_dual", spread(128, 256)),
+         # the blockwise backward's transposed reads: a weight gradient's 4096 tokens along the tile
+         # (x.t() read in place) and the 128x128 blocks of w.t()
+         ("quantize_1x128_t", spread(4096, 256)), ("quantize_128x128", (spread(300, 200) * 0.02).t())]
 bad = []
 for name, t in cases:
     ref, out = getattr(fp8, name)(t), getattr(fp8_triton, name)(t)
