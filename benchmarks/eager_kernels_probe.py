@@ -12,7 +12,7 @@ dims, KV latent 256) it times forward + backward through autograd of:
   queries a view of the q_b product, k_nope a strided slice of the kv_b product, the shared key a
   slice of the KV down-projection) and gradients in the layout attention's backward returns.
 
-CUDA events, 20 calls after 3 warm-up calls, each call's host overhead included.
+CUDA events (`fp8_ops_probe.bench`), 20 calls after 3 warm-up calls, each call's host overhead included.
 
     python benchmarks/eager_kernels_probe.py
 """
@@ -23,26 +23,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from fp8_ops_probe import bench  # benchmarks/ is on sys.path when run as a script
 
 from lit_deepseek.kernels.mla_rope import AssembleQKFunction, assemble_qk_reference
 from lit_deepseek.kernels.rms_norm import RMSNormFunction, rms_norm_reference
 from lit_deepseek.kernels.swiglu import SwiGLUFunction, swiglu_reference
 
 B, S, D, H, NOPE, ROPE, V, LATENT, FFN = 8, 4096, 1024, 16, 64, 32, 64, 256, 2560
-
-
-def bench(fn: Callable[[], Any], n: int = 20) -> float:
-    """Milliseconds per call of fn: CUDA events around n calls after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 
 def norm_case(x_dtype: torch.dtype, width: int, out_dtype: torch.dtype | None) -> dict[str, Callable[[], Any]]:
@@ -100,7 +87,7 @@ def main() -> None:
     print("| layer call, forward + backward | reference ms | Triton ms | speed-up |")
     print("| --- | --- | --- | --- |")
     for name, fns in cases.items():
-        ref, tri = bench(fns["reference"]), bench(fns["triton"])
+        ref, tri = bench(fns["reference"], 20), bench(fns["triton"], 20)
         print(f"| {name} | {ref:.3f} | {tri:.3f} | {ref / tri:.2f}x |")
 
 

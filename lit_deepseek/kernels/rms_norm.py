@@ -14,7 +14,7 @@ feeds matmuls asks for the matmul dtype (`lit_deepseek.precision.compute_dtype`)
 autocast it writes bf16 once instead of float32 that each projection then casts (the same
 round-to-nearest values; the bf16 gradient it receives is what the cast's backward would widen).
 The sums run in another order, so results agree to
-float32 rounding, not bit for bit (tests/test_rms_norm.py).
+float32 rounding, not bit for bit (tests/test_eager_kernels.py).
 
 `rms_norm` picks the path as `lit_deepseek.kernels.eager` says: the kernels for CUDA tensors
 outside compiled regions when Triton is installed (LIT_DEEPSEEK_EAGER_KERNELS=torch keeps the
