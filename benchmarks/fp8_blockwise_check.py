@@ -9,6 +9,10 @@ and a few seeds, with that test's inputs (x = randn * rand(rows) * 10, an nn.Lin
 * kernel vs emulation: the shipped product (`fp8._blockwise_mm_t_impl`, cuBLAS block scaling)
   against the float32 product of the dequantized operands, on the same quantized tensors, with the
   Triton and then the torch quantizers' output;
+* gradients: the backward's quantizer reads (`quantize_128x128(w.t())`, `quantize_1x128_dual(g)`,
+  `quantize_1x128_t(x)`: transposed views read in place) against the torch quantizers' bits, then
+  y, dx and dw of `fp8_linear` against its emulation with LIT_DEEPSEEK_FP8_QUANT = triton, torch,
+  and triton fed contiguous copies of the transposed operands;
 * structured scales: every e4m3 value 1.0 and each scale a distinct power of two per tile / block,
   so the exact product is known and any scale read from the wrong tile or block shows up; printed
   with the first wrong output position and the K tile / N block it falls in.
@@ -70,6 +74,44 @@ def structured(m: int, k: int, n: int, device: str) -> str:
     return "; ".join(report)
 
 
+def gradients(m: int, k: int, n: int, seed: int, dev: str = "cuda") -> str:
+    """The backward's quantizer bits and `fp8_linear`'s y, dx, dw against emulation per quantizer backend."""
+    import os
+
+    from lit_deepseek.kernels import fp8_triton
+
+    torch.manual_seed(seed)
+    x = torch.randn(m, k, device=dev) * torch.rand(m, 1, device=dev) * 10
+    w = nn.Linear(k, n, bias=False, device=dev).weight.detach()
+    g = torch.randn(m, n, device=dev)
+    bits = {name: same_bits(getattr(fp8_triton, name)(t), getattr(fp8, name)(t))
+            for name, t in (("quantize_128x128", w.t()), ("quantize_1x128_t", x))}
+    dual_t, dual_r = fp8_triton.quantize_1x128_dual(g.bfloat16()), fp8.quantize_1x128_dual(g.bfloat16())
+    bits["quantize_1x128_dual"] = same_bits(dual_t[:2], dual_r[:2]) and same_bits(dual_t[2:], dual_r[2:])
+    cells = [", ".join(f"{k_}: {'same' if v else 'DIFFER'}" for k_, v in bits.items())]
+
+    def run(emulate: bool) -> tuple[torch.Tensor, ...]:
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8.fp8_linear(xi, wi, "blockwise", emulate, torch.float32)
+        y.backward(g)
+        return y.detach(), xi.grad, wi.grad
+
+    plain = fp8_triton.quantize_1x128_t, fp8_triton.quantize_128x128
+    for label, mode, contig in (("triton", "triton", False), ("torch", "torch", False), ("triton+contig", "triton", True)):
+        os.environ["LIT_DEEPSEEK_FP8_QUANT"] = mode
+        if contig:
+            fp8_triton.quantize_1x128_t = lambda t: fp8_triton._tiles(  # noqa: E731
+                fp8._pad_to(t, -1).t().contiguous(), -(-t.shape[1] // 128) * 128)
+            fp8_triton.quantize_128x128 = lambda t: plain[1](t.contiguous())  # noqa: E731
+        try:
+            got, emu = run(False), run(True)
+        finally:
+            fp8_triton.quantize_1x128_t, fp8_triton.quantize_128x128 = plain
+            os.environ.pop("LIT_DEEPSEEK_FP8_QUANT")
+        cells.append(" ".join(f"{name} {rel(a, b):.1e}" for name, a, b in zip(("y", "dx", "dw"), got, emu, strict=True)))
+    return " | ".join(cells)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -102,6 +144,10 @@ def main() -> None:
                 cells.append(f"{rel(out, emu):.2e}")
             print("| " + " | ".join(cells) + " |", flush=True)
     if dev == "cuda":
+        print("\n| m, k, n | backward quantizer bits (Triton vs torch) | y, dx, dw vs emulation: triton | torch | triton, contiguous copies |")
+        print("| --- | --- | --- | --- | --- |")
+        for m, k, n in SHAPES:
+            print(f"| {m}, {k}, {n} | {gradients(m, k, n, 0)} |", flush=True)
         for m, k, n in SHAPES:
             print(f"structured scales {m}, {k}, {n}: {structured(m, k, n, dev)}", flush=True)
 
