@@ -346,7 +346,15 @@ def quantize_1x128_dual(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
     """`lit_deepseek.kernels.fp8.quantize_128x128` in one kernel: w [..., N, K] (2 or 3 dims) ->
-    (e4m3 [..., Np, Kp], [..., Np/128, Kp/128])."""
+    (e4m3 [..., Np, Kp], [..., Np/128, Kp/128]). The kernel reads unit-stride rows only: a
+    transposed view (a backward's w.t()) is quantized in its memory order and the result transposed,
+    the same blocks and scales; on an H200 (Triton 3.6) the in-place strided read gave wrong bits for
+    w.t() of [512, 1024], [576, 640] and [2048, 1408] while [72, 200] and [300, 200] were right."""
+    if w.dim() >= 2 and w.stride(-1) != 1 and w.transpose(-2, -1).is_contiguous():
+        q, s = quantize_128x128(w.transpose(-2, -1))
+        return q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
     e, n, k = w3.shape
     nt, kt = -(-n // BLOCK), -(-k // BLOCK)
