@@ -11,7 +11,7 @@ and a few seeds, with that test's inputs (x = randn * rand(rows) * 10, an nn.Lin
   Triton and then the torch quantizers' output;
 * gradients: the backward's quantizer reads (`quantize_128x128(w.t())`, `quantize_1x128_dual(g)`,
   `quantize_1x128_t(x)`: transposed views read in place) against the torch quantizers' bits, then
-  y, dx and dw of `fp8_linear` against its emulation with LIT_DEEPSEEK_FP8_QUANT = triton, torch,
+  y, dx and dw of `fp8_linear` against its emulation (and, in brackets, against float64) with LIT_DEEPSEEK_FP8_QUANT = triton, torch,
   and triton fed contiguous copies of the transposed operands;
 * structured scales: every e4m3 value 1.0 and each scale a distinct power of two per tile / block,
   so the exact product is known and any scale read from the wrong tile or block shows up; printed
@@ -96,6 +96,10 @@ def gradients(m: int, k: int, n: int, seed: int, dev: str = "cuda") -> str:
         y.backward(g)
         return y.detach(), xi.grad, wi.grad
 
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = x64 @ w64.t()
+    y64.backward(g.double())
+    exact = y64.detach(), x64.grad, w64.grad
     plain = fp8_triton.quantize_1x128_t, fp8_triton.quantize_128x128
     for mode, contig in (("triton", False), ("torch", False), ("triton", True)):
         os.environ["LIT_DEEPSEEK_FP8_QUANT"] = mode
@@ -108,7 +112,8 @@ def gradients(m: int, k: int, n: int, seed: int, dev: str = "cuda") -> str:
         finally:
             fp8_triton.quantize_1x128_t, fp8_triton.quantize_128x128 = plain
             os.environ.pop("LIT_DEEPSEEK_FP8_QUANT")
-        cells.append(" ".join(f"{name} {rel(a, b):.1e}" for name, a, b in zip(("y", "dx", "dw"), got, emu, strict=True)))
+        cells.append(" ".join(f"{name} {rel(a, b):.1e} ({rel(a, c):.1e})"
+                              for name, a, b, c in zip(("y", "dx", "dw"), got, emu, exact, strict=True)))
     return " | ".join(cells)
 
 
@@ -144,7 +149,7 @@ def main() -> None:
                 cells.append(f"{rel(out, emu):.2e}")
             print("| " + " | ".join(cells) + " |", flush=True)
     if dev == "cuda":
-        print("\n| m, k, n | backward quantizer bits (Triton vs torch) | y, dx, dw vs emulation: triton | torch | triton, contiguous copies |")
+        print("\n| m, k, n | backward quantizer bits (Triton vs torch) | y, dx, dw vs emulation (vs float64): triton | torch | triton, contiguous copies |")
         print("| --- | --- | --- | --- | --- |")
         for m, k, n in SHAPES:
             print(f"| {m}, {k}, {n} | {gradients(m, k, n, 0)} |", flush=True)
