@@ -9,10 +9,17 @@ forward GEMMs alone. CUDA events, 10 (5 for the experts) calls after 3 warm-up c
 
     python benchmarks/fp8_ops_probe.py
     LIT_DEEPSEEK_FP8_QUANT=triton python benchmarks/fp8_ops_probe.py   # the products with the Triton quantizers
+    python benchmarks/fp8_ops_probe.py --tiles   # only the tile/warp/stage sweep of the grouped Triton kernels
+
+`--tiles` times the routed experts' blockwise Triton kernels (`fp8_triton.grouped_mm_t`, forward and
+input gradient; `fp8_triton.grouped_wgrad`, weight gradient) at the small config's expert shapes for
+several launch configurations, the first of each list being the default, checks each against the
+default's output, and prints TFLOP/s next to the bf16 `torch._grouped_mm` of the same product.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -150,8 +157,65 @@ def experts_product(k: int, n: int, offsets: torch.Tensor) -> None:
           + f") | Triton blockwise forward {fwd:.2f}, weight gradient {wgrad:.2f}", flush=True)
 
 
+#: launch configurations swept by --tiles, the default first: grouped_mm_t (block_m, warps, stages)
+#: and grouped_wgrad (block_k, warps, stages)
+MM_T_TILES = ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 4), (128, 4, 3))
+WGRAD_TILES = ((256, 8, 3), (128, 8, 3), (128, 8, 4), (128, 4, 3), (256, 8, 4), (128, 8, 2))
+
+
+def tiles() -> None:
+    from lit_deepseek.kernels import fp8_triton
+
+    counts = torch.full((EXPERTS,), ROUTED // EXPERTS, device="cuda")
+    offsets = counts.cumsum(0).to(torch.int32)
+    grouped_mm = fp8._grouped_mm()
+    for k, n in ((1024, 5120), (1024, 2560), (2560, 1024)):  # fused gate/up, one of them, the down product
+        x = torch.randn(ROUTED, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(EXPERTS, n, k, device="cuda") * 0.02
+        g = torch.randn(ROUTED, n, device="cuda", dtype=torch.bfloat16)
+        flops = 2 * ROUTED * k * n
+        wb = w.to(torch.bfloat16)
+        bf_fwd = bench(lambda: grouped_mm(x, wb.transpose(-2, -1), offs=offsets), 5)
+        bf_wgrad = bench(lambda: grouped_mm(g.t(), x, offs=offsets), 5)
+        xq, sx = fp8.quantize_1x128(x)
+        wq, sw = fp8.quantize_128x128(w)
+        ref = None
+        for bm, warps, stages in MM_T_TILES:
+            try:
+                fn = lambda: fp8_triton.grouped_mm_t(xq, sx, wq, sw, offsets, bm, warps, stages)  # noqa: E731
+                out = fn()
+                ref = out if ref is None else ref
+                ms = bench(fn, 5)
+                diff = (out.float() - ref.float()).abs().max().item()
+                print(f"tiles grouped_mm_t K={k} N={n} block_m={bm} warps={warps} stages={stages}: {ms:.3f} ms "
+                      f"{flops / ms / 1e9:.0f} TFLOP/s (bf16 grouped_mm {bf_fwd:.3f} ms) max|diff| {diff:.2e}",
+                      flush=True)
+            except Exception as exc:  # a configuration that does not compile or fit: say so, keep sweeping
+                print(f"tiles grouped_mm_t K={k} N={n} block_m={bm} warps={warps} stages={stages}: "
+                      f"{type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        gq, sg = fp8.quantize_1x128(fp8._pad_to(g, -1).t())
+        xq_t, sx_t = fp8.quantize_1x128(x.t())
+        ref = None
+        for bk, warps, stages in WGRAD_TILES:
+            try:
+                fn = lambda: fp8_triton.grouped_wgrad(gq, sg, xq_t, sx_t, offsets, bk, warps, stages)  # noqa: E731
+                out = fn()
+                ref = out if ref is None else ref
+                ms = bench(fn, 5)
+                diff = (out - ref).abs().max().item()
+                print(f"tiles grouped_wgrad K={k} N={n} block_k={bk} warps={warps} stages={stages}: {ms:.3f} ms "
+                      f"{flops / ms / 1e9:.0f} TFLOP/s (bf16 grouped_mm {bf_wgrad:.3f} ms) max|diff| {diff:.2e}",
+                      flush=True)
+            except Exception as exc:
+                print(f"tiles grouped_wgrad K={k} N={n} block_k={bk} warps={warps} stages={stages}: "
+                      f"{type(exc).__name__}: {str(exc)[:160]}", flush=True)
+
+
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         raise SystemExit("fp8_ops_probe: needs a CUDA GPU (compute capability >= 9.0)")
+    if "--tiles" in sys.argv[1:]:
+        tiles()
+        raise SystemExit(0)
     dense()
     experts()

@@ -319,6 +319,9 @@ gq, sg = fp8.quantize_1x128(fp8._pad_to(g, -1).t()); xq2, sx2 = fp8.quantize_1x1
 o2, r2 = grouped_wgrad(gq, sg, xq2, sx2, off), fp8.blockwise_grouped_wgrad(*fp8.quantize_1x128_t(g), x[:m], off, True)
 e2 = ((o2 - r2).norm() / r2.norm()).item()
 assert o2[1].abs().sum() == 0
+# another launch configuration (the probe's tile sweep) computes the same products
+assert torch.allclose(grouped_wgrad(gq, sg, xq2, sx2, off, 128, 4, 2), o2, rtol=1e-6, atol=1e-6)
+assert torch.allclose(grouped_mm_t(xq, sx, wq, sw, off, 64, 8, 4).float(), out.float(), rtol=1e-2, atol=1e-6)
 # the Triton quantizers give the same bits with column-major scales: the kernels take any scale strides
 from lit_deepseek.kernels import fp8_triton
 tq, ts = fp8_triton.quantize_1x128(x)

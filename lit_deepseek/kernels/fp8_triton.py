@@ -123,10 +123,12 @@ def _grouped_wgrad_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, offs_ptr, strid
 
 
 def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor,
-                 block_m: Optional[int] = None) -> Tensor:
+                 block_m: Optional[int] = None, num_warps: Optional[int] = None, num_stages: int = 3) -> Tensor:
     """aq [M, Kp] e4m3 (1x128 scales sa [M, Kp/128]) with rows sorted by group; bq [E, Np, Kp] e4m3
     (128x128 scales sb [E, Np/128, Kp/128]) -> bf16 [M, Np], rows past offsets[-1] are zero.
-    block_m: rows per program; None = 128 when groups average >= 256 rows, else 64."""
+    block_m: rows per program; None = 128 when groups average >= 256 rows, else 64. num_warps
+    (None: 8 for 128 rows, else 4) and num_stages: the launch's; `benchmarks/fp8_ops_probe.py --tiles`
+    times the alternatives."""
     m, kp = aq.shape
     e, np_, _ = bq.shape
     if block_m is None:
@@ -142,13 +144,16 @@ def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor
     _grouped_mm_t_kernel[grid](a, sa, b, sb, out, offsets.to(torch.int32).contiguous(), e,
                                m, kp // BLOCK, a.stride(0), sa.stride(0), sa.stride(1), b.stride(0), b.stride(1), sb.stride(0),
                                sb.stride(1), out.stride(0), n_blocks, BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK,
-                               num_warps=8 if block_m == 128 else 4, num_stages=3)
+                               num_warps=num_warps or (8 if block_m == 128 else 4), num_stages=num_stages)
     return out
 
 
-def grouped_wgrad(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor) -> Tensor:
+def grouped_wgrad(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tensor, block_k: Optional[int] = None,
+                  num_warps: int = 8, num_stages: int = 3) -> Tensor:
     """gq [Np, Mp] e4m3 and xq [Kp, Mp] e4m3, both with 1x128 scales along the tokens ([Np, Mp/128],
-    [Kp, Mp/128]); tokens of group e are offsets[e-1]:offsets[e] -> float32 [E, Np, Kp]."""
+    [Kp, Mp/128]); tokens of group e are offsets[e-1]:offsets[e] -> float32 [E, Np, Kp].
+    block_k: output columns per program (None: 256 where Kp allows, else 128); num_warps and
+    num_stages: the launch's (`benchmarks/fp8_ops_probe.py --tiles` times the alternatives)."""
     np_, mp = gq.shape
     kp = xq.shape[0]
     if mp % BLOCK or xq.shape[1] != mp:
@@ -156,12 +161,15 @@ def grouped_wgrad(gq: Tensor, sg: Tensor, xq: Tensor, sx: Tensor, offsets: Tenso
     e = offsets.numel()
     out = torch.empty(e, np_, kp, device=gq.device, dtype=torch.float32)
     a, b = gq.contiguous().view(torch.uint8), xq.contiguous().view(torch.uint8)
-    block_k = 256 if kp % 256 == 0 else BLOCK  # 128 x 256 output tiles: ~20% faster on an H200 than 128 x 128
+    if block_k is None:
+        block_k = 256 if kp % 256 == 0 else BLOCK  # 128 x 256 output tiles: ~20% faster on an H200 than 128 x 128
+    if block_k % BLOCK or kp % block_k:
+        raise ValueError(f"grouped_wgrad: block_k {block_k} must be a multiple of {BLOCK} dividing {kp}")
     n_blocks, k_blocks = np_ // BLOCK, kp // block_k
     _grouped_wgrad_kernel[(e * n_blocks * k_blocks,)](
         a, sg, b, sx, out, offsets.to(torch.int32).contiguous(), a.stride(0), sg.stride(0), sg.stride(1), b.stride(0),
         sx.stride(0), sx.stride(1), out.stride(0), out.stride(1), n_blocks, k_blocks,
-        BLOCK_N=BLOCK, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        BLOCK_N=BLOCK, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
