@@ -304,14 +304,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4, help="steps before timing starts")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what remains after this many seconds")
     ap.add_argument("--run-timeout-s", type=float, default=400)
-    ap.add_argument("--work", default="/tmp/bench_fit")
+    ap.add_argument("--work", default="/tmp/bench_fit",
+                    help="run directories go under a fresh time-stamped folder here (a rerun never reads an older run's store)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "out")))
     args = ap.parse_args()
     hf_modes = set(args.hf_modes.split(","))
     if not hf_modes <= {"eager", "compile"}:  # before any run starts
         ap.error(f"--hf-modes: eager and/or compile, got {args.hf_modes!r}")
     t_start = time.time()
-    work, out = Path(args.work), Path(args.out)
+    work, out = Path(args.work) / time.strftime("%Y%m%d-%H%M%S"), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     rows = default_rows()

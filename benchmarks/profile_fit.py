@@ -22,6 +22,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,7 +114,9 @@ def main() -> None:
     out = args.out or args.work
     out.mkdir(parents=True, exist_ok=True)
     name = row.name  # names the recipe (...-fp8rowwise) and the eager step (...-nograph)
-    cmd = bench_fit.fit_command(row, args.work / name, args.steps, max(1, args.steps // 2))
+    # a fresh run directory: a rerun on the same machine must not log into an earlier run's store
+    cmd = bench_fit.fit_command(row, args.work / time.strftime("%Y%m%d-%H%M%S") / name, args.steps,
+                                max(1, args.steps // 2))
     cmd += ["--trainer.profiler", "lightning.pytorch.profilers.PyTorchProfiler",
             "--trainer.profiler.init_args.sort_by_key", "cuda_time_total",
             "--trainer.profiler.init_args.row_limit", str(args.row_limit),
