@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -175,14 +176,14 @@ def tiles() -> None:
         g = torch.randn(ROUTED, n, device="cuda", dtype=torch.bfloat16)
         flops = 2 * ROUTED * k * n
         wb = w.to(torch.bfloat16)
-        bf_fwd = bench(lambda: grouped_mm(x, wb.transpose(-2, -1), offs=offsets), 5)
-        bf_wgrad = bench(lambda: grouped_mm(g.t(), x, offs=offsets), 5)
+        bf_fwd = bench(partial(grouped_mm, x, wb.transpose(-2, -1), offs=offsets), 5)
+        bf_wgrad = bench(partial(grouped_mm, g.t(), x, offs=offsets), 5)
         xq, sx = fp8.quantize_1x128(x)
         wq, sw = fp8.quantize_128x128(w)
         ref = None
         for bm, warps, stages in MM_T_TILES:
             try:
-                fn = lambda: fp8_triton.grouped_mm_t(xq, sx, wq, sw, offsets, bm, warps, stages)  # noqa: E731
+                fn = partial(fp8_triton.grouped_mm_t, xq, sx, wq, sw, offsets, bm, warps, stages)
                 out = fn()
                 ref = out if ref is None else ref
                 ms = bench(fn, 5)
@@ -198,7 +199,7 @@ def tiles() -> None:
         ref = None
         for bk, warps, stages in WGRAD_TILES:
             try:
-                fn = lambda: fp8_triton.grouped_wgrad(gq, sg, xq_t, sx_t, offsets, bk, warps, stages)  # noqa: E731
+                fn = partial(fp8_triton.grouped_wgrad, gq, sg, xq_t, sx_t, offsets, bk, warps, stages)
                 out = fn()
                 ref = out if ref is None else ref
                 ms = bench(fn, 5)
