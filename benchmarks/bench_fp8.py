@@ -151,8 +151,12 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
     # --replicates N: each run N times with the same seed and data (names NAME-r1 ... NAME-rN); GPU
     # kernels are not bitwise deterministic, so the same seed drifts apart over 1000 steps, and the
     # groups' means and spreads say how far a single pair of runs can be trusted
-    runs = base if args.replicates == 1 else [(f"{name}-r{i}", *rest) for i in range(1, args.replicates + 1)
-                                              for name, *rest in base]
+    runs, group_of = [], {}
+    for i in range(1, args.replicates + 1):
+        for name, *rest in base:
+            run = name if args.replicates == 1 else f"{name}-r{i}"
+            runs.append((run, *rest))
+            group_of[run] = name
     results: dict[str, dict[str, Any]] = {}
     shards = work / "corpus-local"
     if args.corpus == "local" and args.resume and (shards / "manifest.json").exists():
@@ -190,8 +194,6 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
              f"= mean of the last {window}; {corpus})", "", "| run | steps done | final loss | vs BF16 seed A | wall s |",
              "| --- | --- | --- | --- | --- |"]
     finals = {name: final_loss(r["loss"][:common], window) if common else None for name, r in results.items()}
-    group_of = {run: name for name, *_ in base for run, *_ in runs if run in (name, *(f"{name}-r{i}"
-                                                                                  for i in range(1, args.replicates + 1)))}
     groups = {name: [f for run, f in finals.items() if group_of.get(run) == name] for name, *_ in base}
     means = {name: sum(fs) / len(fs) if fs and None not in fs else None for name, fs in groups.items()}
     ref = means.get("bf16-seedA")

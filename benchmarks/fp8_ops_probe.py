@@ -180,36 +180,29 @@ def tiles() -> None:
         bf_wgrad = bench(partial(grouped_mm, g.t(), x, offs=offsets), 5)
         xq, sx = fp8.quantize_1x128(x)
         wq, sw = fp8.quantize_128x128(w)
-        ref = None
-        for bm, warps, stages in MM_T_TILES:
-            try:
-                fn = partial(fp8_triton.grouped_mm_t, xq, sx, wq, sw, offsets, bm, warps, stages)
-                out = fn()
-                ref = out if ref is None else ref
-                ms = bench(fn, 5)
-                diff = (out.float() - ref.float()).abs().max().item()
-                print(f"tiles grouped_mm_t K={k} N={n} block_m={bm} warps={warps} stages={stages}: {ms:.3f} ms "
-                      f"{flops / ms / 1e9:.0f} TFLOP/s (bf16 grouped_mm {bf_fwd:.3f} ms) max|diff| {diff:.2e}",
-                      flush=True)
-            except Exception as exc:  # a configuration that does not compile or fit: say so, keep sweeping
-                print(f"tiles grouped_mm_t K={k} N={n} block_m={bm} warps={warps} stages={stages}: "
-                      f"{type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        sweep(f"grouped_mm_t K={k} N={n}", "block_m", MM_T_TILES, partial(fp8_triton.grouped_mm_t, xq, sx, wq, sw, offsets),
+              flops, bf_fwd)
         gq, sg = fp8.quantize_1x128(fp8._pad_to(g, -1).t())
         xq_t, sx_t = fp8.quantize_1x128(x.t())
-        ref = None
-        for bk, warps, stages in WGRAD_TILES:
-            try:
-                fn = partial(fp8_triton.grouped_wgrad, gq, sg, xq_t, sx_t, offsets, bk, warps, stages)
-                out = fn()
-                ref = out if ref is None else ref
-                ms = bench(fn, 5)
-                diff = (out - ref).abs().max().item()
-                print(f"tiles grouped_wgrad K={k} N={n} block_k={bk} warps={warps} stages={stages}: {ms:.3f} ms "
-                      f"{flops / ms / 1e9:.0f} TFLOP/s (bf16 grouped_mm {bf_wgrad:.3f} ms) max|diff| {diff:.2e}",
-                      flush=True)
-            except Exception as exc:
-                print(f"tiles grouped_wgrad K={k} N={n} block_k={bk} warps={warps} stages={stages}: "
-                      f"{type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        sweep(f"grouped_wgrad K={k} N={n}", "block_k", WGRAD_TILES,
+              partial(fp8_triton.grouped_wgrad, gq, sg, xq_t, sx_t, offsets), flops, bf_wgrad)
+
+
+def sweep(label: str, tile_name: str, configs: tuple[tuple[int, int, int], ...], kernel: Callable[..., torch.Tensor],
+          flops: int, bf16_ms: float) -> None:
+    """Time kernel(tile, warps, stages) for each configuration; the first one's output is the reference."""
+    ref = None
+    for tile, warps, stages in configs:
+        name = f"tiles {label} {tile_name}={tile} warps={warps} stages={stages}"
+        try:
+            fn = partial(kernel, tile, warps, stages)
+            out = fn().float()
+            ref = out if ref is None else ref
+            ms = bench(fn, 5)
+            print(f"{name}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s (bf16 grouped_mm {bf16_ms:.3f} ms) "
+                  f"max|diff| {(out - ref).abs().max().item():.2e}", flush=True)
+        except Exception as exc:  # a configuration that does not compile or fit: say so, keep sweeping
+            print(f"{name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
 
 
 if __name__ == "__main__":
