@@ -4,9 +4,10 @@
     row-wise (seed A) on the model of `benchmarks/fp8_conv.yaml` (stacked on configs/cpu_demo.yaml):
     the same shards for all four, 65,536 tokens per step, bf16-mixed, regional compile. Data
     (--corpus): `local` (the default on the GPU) is the .py/.rst/.md/.txt files of this Python
-    installation (sorted paths, UTF-8 only, no duplicates, up to --corpus-mb MB), one JSONL
-    document per file, tokenized once by `lit-deepseek prepare-data` (byte-level) under the work
-    directory; `builtin` (the CPU smoke's default) is the product's demo corpus (~465 KB, which
+    installation (sorted paths, UTF-8 only, no duplicates, up to --corpus-mb MB), cut at line ends
+    into ~4 KB pieces that are shuffled once with a fixed seed (so every batch mixes many files and
+    the stream is stationary), tokenized once by `lit-deepseek prepare-data` (byte-level, 2**20-token
+    shards) under the work directory; `builtin` (the CPU smoke's default) is the product's demo corpus (~465 KB, which
     1000 steps go over >100 times). The table header gives the corpus, its tokens and the epochs
     that the steps asked make of it. The learning rate is constant after warm-up, so runs that
     their time limit (an equal share of --conv-budget-s each, or each run's limit with
@@ -41,6 +42,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -60,6 +62,9 @@ bench_fit.CONFIGS["fp8conv"] = [ROOT / "configs" / "cpu_demo.yaml", ROOT / "benc
 SPEED = {"small": ("small", 8), "large": ("large", 4)}
 #: CPU smoke of the convergence phase: the demo model itself (config "demo" runs on the CPU)
 SMOKE = ["--model.num_layers", "2"]
+# the local corpus (see local_corpus): pieces of about 4 KB, shuffled once with a fixed seed, in shards of
+# 2**20 tokens (~57 shards for 60 MB)
+PIECE_BYTES, CORPUS_SEED, SHARD_TOKENS = 4096, 0, 2**20
 VARIANTS = {"bf16": (False, "blockwise"), "fp8-blockwise": (True, "blockwise"), "fp8-rowwise": (True, "rowwise")}
 
 
@@ -67,38 +72,63 @@ def final_loss(loss: list[float], window: int) -> Optional[float]:
     return sum(loss[-window:]) / len(loss[-window:]) if loss else None
 
 
+def text_pieces(text: str, size: int = PIECE_BYTES) -> list[str]:
+    """text cut at line ends into pieces of at most about `size` characters (a longer line is one piece)."""
+    pieces, cur, n = [], [], 0
+    for line in text.splitlines(keepends=True):
+        if cur and n + len(line) > size:
+            pieces.append("".join(cur))
+            cur, n = [], 0
+        cur.append(line)
+        n += len(line)
+    if cur:
+        pieces.append("".join(cur))
+    return pieces
+
+
 def local_corpus(work: Path, limit_mb: float) -> tuple[list[str], dict[str, Any]]:
     """The Python installation's text files as JSONL, tokenized by `lit-deepseek prepare-data`.
 
-    Returns the fit arguments that point a run at its shards and the corpus' manifest."""
+    Files are read in sorted path order, so taken whole they would make a stream that moves from
+    one package to the next, and the loss of a 100-step window would say more about the files in
+    it than about the recipe. Each file is therefore cut at line ends into pieces of about
+    PIECE_BYTES, the pieces are shuffled once with a fixed seed (CORPUS_SEED, the same for every
+    run and every training seed), and the shards are small (SHARD_TOKENS), so each step's batch mixes
+    many files and the stream is stationary. Returns the fit arguments that point a run at its
+    shards and the corpus' manifest."""
     paths = sysconfig.get_paths()
     files: set[str] = set()
     for root in {paths["stdlib"], paths["purelib"], sys.prefix}:
         for folder, _, names in os.walk(root):
             files.update(os.path.realpath(os.path.join(folder, n)) for n in names
                          if n.endswith((".py", ".rst", ".md", ".txt")))
-    jsonl, seen, size = work / "corpus-local.jsonl", set(), 0
+    pieces, seen, size = [], set(), 0
+    for path in sorted(files):
+        if size >= limit_mb * 1e6:
+            break
+        try:
+            data = Path(path).read_bytes()
+            text = data.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        digest = hashlib.sha256(data).digest()
+        if not text.strip() or digest in seen:
+            continue
+        seen.add(digest)
+        pieces += [p for p in text_pieces(text) if p.strip()]
+        size += len(data)
+    random.Random(CORPUS_SEED).shuffle(pieces)
+    jsonl = work / "corpus-local.jsonl"
     with open(jsonl, "w", encoding="utf-8") as f:
-        for path in sorted(files):
-            if size >= limit_mb * 1e6:
-                break
-            try:
-                data = Path(path).read_bytes()
-                text = data.decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-            digest = hashlib.sha256(data).digest()
-            if not text.strip() or digest in seen:
-                continue
-            seen.add(digest)
-            f.write(json.dumps({"text": text}) + "\n")
-            size += len(data)
+        for piece in pieces:
+            f.write(json.dumps({"text": piece}) + "\n")
     shards = work / "corpus-local"
     subprocess.run([sys.executable, "-m", "lit_deepseek", "prepare-data", "--inputs", str(jsonl), "--output",
-                    str(shards), "--val_docs", "16", "--no_progress"], cwd=work, check=True)
+                    str(shards), "--val_docs", "64", "--shard_tokens", str(SHARD_TOKENS), "--no_progress"],
+                   cwd=work, check=True)
     manifest = json.loads((shards / "manifest.json").read_text())
-    print(f"local corpus: {len(seen)} files, {size / 1e6:.1f} MB, {manifest['train']['tokens']:,} train tokens",
-          flush=True)
+    print(f"local corpus: {len(seen)} files, {size / 1e6:.1f} MB, {len(pieces):,} shuffled pieces, "
+          f"{manifest['train']['tokens']:,} train tokens in {len(manifest['train']['shards'])} shards", flush=True)
     return ["--data.train_shards", str(shards / "train-*.tar"), "--data.val_shards", str(shards / "val-*.tar")], manifest
 
 
