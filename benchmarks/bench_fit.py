@@ -60,6 +60,7 @@ class Row:
     compile: bool = True
     fp8: bool = False
     fp8_recipe: str = "blockwise"
+    expert_wgrad: str = "fp8"  # training.fp8_expert_wgrad; ...-ewbf16 in the name for bf16
     mtp: int = 1
     checkpoint_every: int = 0  # 0: no periodic save during the timed steps
     graphs: bool = True  # training.cuda_graphs (the default); a row named ...-nograph runs the eager step
@@ -71,6 +72,8 @@ class Row:
                  self.precision, "compile" if self.compile else "eager"]
         if self.fp8:
             parts.append("fp8" if self.fp8_recipe == "blockwise" else f"fp8{self.fp8_recipe}")
+            if self.expert_wgrad != "fp8":
+                parts.append(f"ew{self.expert_wgrad}")
         if self.checkpoint_every:
             parts.append(f"ckpt{self.checkpoint_every}")
         if not self.graphs:
@@ -105,13 +108,17 @@ def select_rows(wanted: list[str]) -> list[Row]:
         copy = base == name
         graph_base = base.removesuffix("-nograph")
         graphs = graph_base == base
-        recipe = "blockwise"
+        recipe, wgrad = "blockwise", "fp8"
         if "-fp8rowwise" in graph_base:  # an FP8 row under `training.fp8_recipe: rowwise`
             graph_base, recipe = graph_base.replace("-fp8rowwise", "-fp8"), "rowwise"
+        if graph_base.endswith("-fp8-ewbf16"):  # `training.fp8_expert_wgrad: bf16`
+            graph_base, wgrad = graph_base.removesuffix("-ewbf16"), "bf16"
         if graph_base not in known:
             raise SystemExit(f"--rows: unknown row {name!r}; rows: {', '.join(known)} (each also as NAME-nograph, "
-                             "NAME-nocopy, NAME-nograph-nocopy; an fp8 row also as ...-fp8rowwise...)")
-        rows.append(dataclasses.replace(known[graph_base], graphs=graphs, weight_copy=copy, fp8_recipe=recipe))
+                             "NAME-nocopy, NAME-nograph-nocopy; an fp8 row also as ...-fp8rowwise... or "
+                             "...-fp8-ewbf16...)")
+        rows.append(dataclasses.replace(known[graph_base], graphs=graphs, weight_copy=copy, fp8_recipe=recipe,
+                                        expert_wgrad=wgrad))
     return rows
 
 
@@ -128,6 +135,7 @@ def fit_command(row: Row, run_dir: Path, steps: int, log_every_n_steps: int) -> 
             "--training.global_batch_size", str(row.global_batch), "--training.max_steps", str(steps),
             "--training.precision", row.precision, "--training.compile", str(row.compile).lower(),
             "--training.use_fp8", str(row.fp8).lower(), "--training.fp8_recipe", row.fp8_recipe,
+            "--training.fp8_expert_wgrad", row.expert_wgrad,
             "--training.cuda_graphs", str(row.graphs).lower(),
             "--training.bf16_weight_copy", str(row.weight_copy).lower(),
             "--training.lr_warmup_steps", "2",

@@ -65,7 +65,12 @@ SMOKE = ["--model.num_layers", "2"]
 # the local corpus (see local_corpus): pieces of about 4 KB, shuffled once with a fixed seed, in shards of
 # 2**20 tokens (~57 shards for 60 MB)
 PIECE_BYTES, CORPUS_SEED, SHARD_TOKENS = 4096, 0, 2**20
-VARIANTS = {"bf16": (False, "blockwise"), "fp8-blockwise": (True, "blockwise"), "fp8-rowwise": (True, "rowwise")}
+#: variant -> (use_fp8, fp8_recipe, fp8_expert_wgrad); the speed phase's --recipes and the convergence runs use these
+VARIANTS = {"bf16": (False, "blockwise", "fp8"), "fp8-blockwise": (True, "blockwise", "fp8"),
+            "fp8-rowwise": (True, "rowwise", "fp8"), "fp8-blockwise-ewbf16": (True, "blockwise", "bf16")}
+#: convergence runs: name -> (variant, seed A or B); --conv-runs picks among them
+CONV_RUNS = {"bf16-seedA": ("bf16", "a"), "bf16-seedB": ("bf16", "b"), "fp8-blockwise": ("fp8-blockwise", "a"),
+             "fp8-rowwise": ("fp8-rowwise", "a"), "fp8-blockwise-ewbf16": ("fp8-blockwise-ewbf16", "a")}
 
 
 def final_loss(loss: list[float], window: int) -> Optional[float]:
@@ -132,15 +137,17 @@ def local_corpus(work: Path, limit_mb: float) -> tuple[list[str], dict[str, Any]
     return ["--data.train_shards", str(shards / "train-*.tar"), "--data.val_shards", str(shards / "val-*.tar")], manifest
 
 
-def conv_run(name: str, fp8: bool, recipe: str, seed: int, args: argparse.Namespace, work: Path,
+def conv_run(name: str, variant: str, seed: int, args: argparse.Namespace, work: Path,
              limit_s: float, data: list[str]) -> dict[str, Any]:
     """One convergence run for at most limit_s: then SIGTERM, the product's own stop (the step
     finishes, a checkpoint is saved), and a kill 120 s later. With --resume it continues from the
     run's `last` checkpoint, in the same MLflow run. Returns its train/loss from the first step."""
     cpu = args.device == "cpu"
+    fp8, recipe, wgrad = VARIANTS[variant]
     row = bench_fit.Row("demo" if cpu else "fp8conv", seq=64 if cpu else 1024, micro=2 if cpu else 32,
                         global_batch=4 if cpu else 64, precision="32-true" if cpu else "bf16-mixed",
-                        compile=not cpu, fp8=fp8, fp8_recipe=recipe, checkpoint_every=2 if cpu else 100)
+                        compile=not cpu, fp8=fp8, fp8_recipe=recipe, expert_wgrad=wgrad,
+                        checkpoint_every=2 if cpu else 100)
     run_dir = work / name
     resume = args.resume and any(run_dir.rglob("last.ckpt"))
     cmd = bench_fit.fit_command(row, run_dir, args.steps, 1) + (SMOKE if cpu else []) + [
@@ -176,8 +183,8 @@ def conv_run(name: str, fp8: bool, recipe: str, seed: int, args: argparse.Namesp
 
 
 def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> list[str]:
-    base = [("bf16-seedA", False, "blockwise", args.seed_a), ("bf16-seedB", False, "blockwise", args.seed_b),
-            ("fp8-blockwise", True, "blockwise", args.seed_a), ("fp8-rowwise", True, "rowwise", args.seed_a)]
+    base = [(name, CONV_RUNS[name][0], args.seed_a if CONV_RUNS[name][1] == "a" else args.seed_b)
+            for name in args.conv_runs.split(",")]
     # --replicates N: each run N times with the same seed and data (names NAME-r1 ... NAME-rN); GPU
     # kernels are not bitwise deterministic, so the same seed drifts apart over 1000 steps, and the
     # groups' means and spreads say how far a single pair of runs can be trusted
@@ -197,17 +204,17 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
     if args.concurrent:  # all at once on the one device (small models leave it mostly idle)
         limit = min(args.conv_budget_s, deadline - time.time() - 60)
         with ThreadPoolExecutor(len(runs)) as pool:
-            futures = {name: pool.submit(conv_run, name, fp8, recipe, seed, args, work, limit, data)
-                       for name, fp8, recipe, seed in runs}
+            futures = {name: pool.submit(conv_run, name, variant, seed, args, work, limit, data)
+                       for name, variant, seed in runs}
         results = {name: f.result() for name, f in futures.items()}
     else:
         share = args.conv_budget_s / len(runs)
-        for name, fp8, recipe, seed in runs:
+        for name, variant, seed in runs:
             left = deadline - time.time()
             if left < 90:
                 print(f"[{name}] skipped: benchmark budget spent", flush=True)
                 continue
-            results[name] = conv_run(name, fp8, recipe, seed, args, work, min(share, left - 60), data)
+            results[name] = conv_run(name, variant, seed, args, work, min(share, left - 60), data)
     tokens = 4 * 64 if args.device == "cpu" else 64 * 1024
     common = min((len(r["loss"]) for r in results.values()), default=0)
     window = min(100, common)
@@ -247,7 +254,7 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
         noise = abs(b - ref) / ref
         what = "means of the replicates" if args.replicates > 1 else "one run each"
         lines += ["", f"Noise floor |BF16 B - BF16 A| / A ({what}): {100 * noise:.3f}%."]
-        for name in ("fp8-blockwise", "fp8-rowwise"):
+        for name in (n for n in groups if n.startswith("fp8")):
             f = means.get(name)
             if f is not None:
                 gap = abs(f - ref) / ref
@@ -329,8 +336,9 @@ def speed(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> l
         base = None
         name, micro = SPEED[config]
         for variant in args.recipes.split(","):
-            fp8, recipe = VARIANTS[variant.removesuffix("-nograph")]  # -nograph: training.cuda_graphs false
+            fp8, recipe, wgrad = VARIANTS[variant.removesuffix("-nograph")]  # -nograph: training.cuda_graphs false
             row = bench_fit.Row(name, 4096, micro=micro, global_batch=micro, fp8=fp8, fp8_recipe=recipe,
+                                expert_wgrad=wgrad,
                                 graphs=not variant.endswith("-nograph"))
             left = deadline - time.time()
             if left < 90:
@@ -369,6 +377,8 @@ def main() -> None:
     ap.add_argument("--replicates", type=int, default=1,
                     help="run each of the four convergence runs this many times (same seed and data) and compare "
                          "the means: one run per recipe cannot resolve a gap smaller than a same-seed rerun's drift")
+    ap.add_argument("--conv-runs", default="bf16-seedA,bf16-seedB,fp8-blockwise,fp8-rowwise",
+                    help=f"comma list of the convergence runs, of: {', '.join(CONV_RUNS)}")
     ap.add_argument("--seed-a", type=int, default=1234)
     ap.add_argument("--seed-b", type=int, default=4321)
     ap.add_argument("--speed-configs", default="small,large", help="comma list of: small, large")

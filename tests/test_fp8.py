@@ -410,8 +410,8 @@ def test_converted_model_runs_gate_and_up_as_one_product(monkeypatch: pytest.Mon
     swiglus = sum(isinstance(m, SwiGLU) for m in base.modules())
     separate = {"fp8_gate_up": lambda x, w1, w3, e, dt: (fp8.fp8_linear(x, w1, "blockwise", e, dt),
                                                          fp8.fp8_linear(x, w3, "blockwise", e, dt)),
-                "fp8_grouped_gate_up": lambda x, w1, w3, o, e: (fp8_grouped_linear(x, w1, o, e, "blockwise"),
-                                                                fp8_grouped_linear(x, w3, o, e, "blockwise"))}
+                "fp8_grouped_gate_up": lambda x, w1, w3, o, e, bw: (fp8_grouped_linear(x, w1, o, e, "blockwise", bw),
+                                                                    fp8_grouped_linear(x, w3, o, e, "blockwise", bw))}
     results = []
     for fused in (True, False):
         model = copy.deepcopy(base)
@@ -459,6 +459,87 @@ def test_fused_gate_up_kernels_match_separate_products_on_gpu(grouped: bool) -> 
     _check_gate_up(_gate_up_fused_and_separate("cuda", emulate=False, grouped=grouped), same=1e-6)
 
 
+def _expert_wgrad_case(device: str, emulate: bool, fused: bool) -> tuple[dict, list]:
+    """Routed-expert gate and up products under the blockwise recipe with each `fp8_expert_wgrad`:
+    {mode: (y, dx, dw1, dw3)} and the float64 reference (y, dx, dw1, dw3). Group sizes are not
+    multiples of 128 and one expert gets no token."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    counts = torch.tensor([300, 0, 517, 17, 190], device=device)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    k, n = 256, 256
+    x = torch.randn(int(counts.sum()), k, device=device, dtype=dtype)
+    w1, w3 = ((torch.randn(5, n, k, device=device) * 0.05).to(dtype) for _ in range(2))
+    g = torch.randn(x.shape[0], 2 * n, device=device).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    out = {}
+    for mode in ("fp8", "bf16"):
+        xi, a, b = (t.clone().requires_grad_() for t in (x, w1, w3))
+        if fused:
+            gate, up = fp8_grouped_gate_up(xi, a, b, offsets, emulate, mode == "bf16")
+        else:
+            gate, up = (fp8_grouped_linear(xi, w, offsets, emulate, "blockwise", mode == "bf16") for w in (a, b))
+        y = torch.cat((gate, up), -1)
+        y.backward(g.to(y.dtype))
+        out[mode] = (y.float(), xi.grad.float(), a.grad.float(), b.grad.float())
+    x64, a64, b64 = (t.double().requires_grad_() for t in (x, w1, w3))
+    bounds = [0, *offsets.tolist()]
+    ref = torch.cat([torch.cat((x64[s:t] @ a64[e].t(), x64[s:t] @ b64[e].t()), -1)
+                     for e, (s, t) in enumerate(zip(bounds, bounds[1:], strict=False))])
+    ref.backward(g.double())
+    return out, [ref, x64.grad, a64.grad, b64.grad]
+
+
+def _check_expert_wgrad(out: dict, ref: list) -> None:
+    """fp8_expert_wgrad bf16 changes the weight gradients only: the forward and the input gradient
+    are those of the FP8 weight gradient, and the weight gradients are the unquantized product
+    (bf16 rounding), closer to float64 than the FP8 ones."""
+    fp8_mode, bf16_mode = out["fp8"], out["bf16"]
+    assert rel(bf16_mode[0], fp8_mode[0]) == 0.0
+    assert rel(bf16_mode[1], fp8_mode[1]) <= 1e-6
+    for i in (2, 3):
+        assert rel(bf16_mode[i], ref[i]) < 1e-2, rel(bf16_mode[i], ref[i])
+        assert rel(fp8_mode[i], ref[i]) < FP8_BOUND
+        assert rel(bf16_mode[i], ref[i]) < 0.5 * rel(fp8_mode[i], ref[i])
+        assert bf16_mode[i][1].abs().sum() == 0  # the expert without tokens
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_blockwise_experts_with_bf16_weight_gradient(fused: bool) -> None:
+    _check_expert_wgrad(*_expert_wgrad_case("cpu", emulate=True, fused=fused))
+
+
+@pytest.mark.gpu
+@block_fp8_gpu
+@pytest.mark.parametrize("fused", [True, False])
+def test_blockwise_experts_with_bf16_weight_gradient_on_gpu(fused: bool) -> None:
+    """The kernels (Triton FP8 products, torch's bf16 grouped GEMM) against the same checks, and
+    against the float32 emulation of the same setting."""
+    kernel, ref = _expert_wgrad_case("cuda", emulate=False, fused=fused)
+    _check_expert_wgrad(kernel, ref)
+    emulated, _ = _expert_wgrad_case("cuda", emulate=True, fused=fused)
+    for a, b in zip(kernel["bf16"], emulated["bf16"], strict=True):
+        assert rel(a, b) < KERNEL_VS_EMULATION
+
+
+def test_expert_wgrad_setting_reaches_the_experts() -> None:
+    """training.fp8_expert_wgrad goes through `parallelize` to every routed-experts module."""
+    import warnings
+
+    from lit_deepseek.config import DeepSeekConfig
+    from lit_deepseek.parallel.parallelize import parallelize
+
+    cfg = tiny_model_config()
+    for mode in ("fp8", "bf16"):
+        run = DeepSeekConfig(model=cfg)
+        run.training.use_fp8, run.training.fp8_expert_wgrad = True, mode
+        model = DeepSeekV3(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no GPU: the emulation's one warning
+            parallelize(model, None, run)
+        experts = [m for m in model.modules() if isinstance(m, fp8.Float8GroupedExperts)]
+        assert experts and all(m.fp8_wgrad == mode for m in experts)
+
+
 def test_fp8_experts_run_gate_and_up_as_one_product(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blockwise FP8 experts with an intermediate size that is a multiple of 128 take the fused gate/up
     product; other sizes and the row-wise recipe run two products."""
@@ -503,6 +584,7 @@ def test_cli_fp8_run_on_cpu_learns(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args,needle", [
     (["--training.fp8_recipe", "tilewise"], "training.fp8_recipe"),
     (["--training.fp8_exclude", "[head, ' ']"], "training.fp8_exclude"),
+    (["--training.fp8_expert_wgrad", "fp16"], "training.fp8_expert_wgrad"),
 ])
 def test_bad_fp8_settings_are_one_line(tmp_path: Path, args: list, needle: str) -> None:
     from tests.test_cli import DEMO, assert_one_line_error, run_cli

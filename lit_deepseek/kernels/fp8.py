@@ -572,7 +572,8 @@ def fp8_linear(x: Tensor, w: Tensor, recipe: str = "blockwise", emulate: bool = 
 
 
 @torch.library.custom_op("lit_deepseek::fp8_grouped_linear", mutates_args=())
-def _fp8_grouped_linear_op(x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool) -> Tensor:
+def _fp8_grouped_linear_op(x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool,
+                           bf16_wgrad: bool) -> Tensor:
     """Rows of x [M, K] sorted by group, group e times w[e].T (w [E, N, K]) -> bf16 [M, N] in FP8."""
     if recipe == "blockwise":
         wq, sw = _q_128x128(w)
@@ -582,16 +583,21 @@ def _fp8_grouped_linear_op(x: Tensor, w: Tensor, offsets: Tensor, recipe: str, e
 
 
 @_fp8_grouped_linear_op.register_fake
-def _(x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool) -> Tensor:
+def _(x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool, bf16_wgrad: bool) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[1], dtype=torch.bfloat16)
 
 
 @torch.library.custom_op("lit_deepseek::fp8_grouped_linear_backward", mutates_args=())
 def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Tensor, recipe: str,
-                                    emulate: bool) -> tuple[Tensor, Tensor]:
-    """(dx, dw) of `fp8_grouped_linear`; the row-wise recipe keeps the weight gradient in bf16."""
+                                    emulate: bool, bf16_wgrad: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dw) of `fp8_grouped_linear`; the row-wise recipe (and the blockwise one with bf16_wgrad)
+    keeps the weight gradient in bf16."""
     (e, n, k), g = w.shape, g.contiguous()
-    if recipe == "blockwise":
+    if recipe == "blockwise" and bf16_wgrad:
+        wt, swt = _q_128x128(w.transpose(-2, -1))
+        dx = blockwise_grouped_mm_t(*_q_1x128(g), wt, swt, offsets, emulate)
+        dw = grouped_weight_grad(g.to(x.dtype), x, offsets, e, emulate)
+    elif recipe == "blockwise":
         wt, swt = _q_128x128(w.transpose(-2, -1))  # as the dense backward: blocks of w[e].T directly
         gq, sg, gq_t, sg_t = _q_1x128_dual(g)
         dx = blockwise_grouped_mm_t(gq, sg, wt, swt, offsets, emulate)
@@ -603,25 +609,28 @@ def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Te
 
 
 @_fp8_grouped_linear_backward_op.register_fake
-def _(g: Tensor, x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool) -> tuple[Tensor, Tensor]:
+def _(g: Tensor, x: Tensor, w: Tensor, offsets: Tensor, recipe: str, emulate: bool,
+      bf16_wgrad: bool) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
 def _fp8_grouped_linear_backward(ctx: Any, g: Tensor) -> tuple:
     x, w, offsets = ctx.saved_tensors
-    recipe, emulate = ctx.args
-    dx, dw = _fp8_grouped_linear_backward_op(g, x, w, offsets, recipe, emulate)
-    return dx, dw, None, None, None
+    recipe, emulate, bf16_wgrad = ctx.args
+    dx, dw = _fp8_grouped_linear_backward_op(g, x, w, offsets, recipe, emulate, bf16_wgrad)
+    return dx, dw, None, None, None, None
 
 
 _fp8_grouped_linear_op.register_autograd(_fp8_grouped_linear_backward, setup_context=_save_inputs)
 
 
 def fp8_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = False,
-                       recipe: str = "rowwise") -> Tensor:
+                       recipe: str = "rowwise", bf16_wgrad: bool = False) -> Tensor:
     """Differentiable grouped x_e @ w[e].T (w [E, N, K], offsets the cumulative group ends) -> bf16,
-    in FP8 by `recipe` (rowwise: forward and input gradient; blockwise: all three products)."""
-    return _fp8_grouped_linear_op(x, w, offsets, recipe, emulate)
+    in FP8 by `recipe` (rowwise: forward and input gradient; blockwise: all three products, or the
+    first two with bf16_wgrad, the weight gradient then a bf16 grouped GEMM of the unquantized
+    operands)."""
+    return _fp8_grouped_linear_op(x, w, offsets, recipe, emulate, bf16_wgrad)
 
 
 def _cat_e4m3(parts: Sequence[Tensor], dim: int) -> Tensor:
@@ -641,16 +650,23 @@ def _gate_up_forward(x: Tensor, w1: Tensor, w3: Tensor, product: Any) -> Tensor:
     return product(*_q_1x128(x), _cat_e4m3((q1, q3), -2), torch.cat((s1, s3), -2))
 
 
-def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any,
-                      wgrad: Any) -> tuple[Tensor, Tensor, Tensor]:
+def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any, wgrad: Any,
+                      bf16_wgrad: Optional[Any] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw1, dw3) for the output gradient g [M, 2N]: one input-gradient product contracting over
-    both weights (2N), one weight-gradient product wgrad(gq, sg, xq, sx) per weight."""
+    both weights (2N), one weight-gradient product wgrad(gq, sg, xq, sx) per weight; or, given
+    bf16_wgrad(g, x) -> [..., 2N, K], one unquantized product for both weights' gradients."""
     n, k = w1.shape[-2:]
     (t1, st1), (t3, st3) = _q_128x128(w1.transpose(-2, -1)), _q_128x128(w3.transpose(-2, -1))
-    gq, sg, gq_t, sg_t = _q_1x128_dual(g.contiguous())
-    dx = product(gq, sg, _cat_e4m3((t1, t3), -1), torch.cat((st1, st3), -1))
-    xq_t, sx_t = _q_1x128_t(x)
-    dw1, dw3 = (wgrad(gq_t[rows], sg_t[rows], xq_t, sx_t) for rows in (slice(0, n), slice(n, 2 * n)))
+    g = g.contiguous()
+    if bf16_wgrad is not None:
+        dx = product(*_q_1x128(g), _cat_e4m3((t1, t3), -1), torch.cat((st1, st3), -1))
+        dw = bf16_wgrad(g.to(x.dtype), x)
+        dw1, dw3 = dw[..., :n, :], dw[..., n:, :]
+    else:
+        gq, sg, gq_t, sg_t = _q_1x128_dual(g)
+        dx = product(gq, sg, _cat_e4m3((t1, t3), -1), torch.cat((st1, st3), -1))
+        xq_t, sx_t = _q_1x128_t(x)
+        dw1, dw3 = (wgrad(gq_t[rows], sg_t[rows], xq_t, sx_t) for rows in (slice(0, n), slice(n, 2 * n)))
     return _fresh(dx, k, x.dtype), _fresh(dw1, k, w1.dtype), _fresh(dw3, k, w3.dtype)
 
 
@@ -712,45 +728,50 @@ def fp8_gate_up(x: Tensor, w1: Tensor, w3: Tensor, emulate: bool = False,
 
 
 @torch.library.custom_op("lit_deepseek::fp8_grouped_gate_up", mutates_args=())
-def _fp8_grouped_gate_up_op(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
+def _fp8_grouped_gate_up_op(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool,
+                            bf16_wgrad: bool) -> Tensor:
     """Rows of x [M, K] sorted by group, times w1[e].T and w3[e].T (each [E, N, K]) -> bf16 [M, 2N]."""
     out = _gate_up_forward(x, w1, w3, lambda a, sa, b, sb: blockwise_grouped_mm_t(a, sa, b, sb, offsets, emulate))
     return _fresh(out, 2 * w1.shape[1], torch.bfloat16)
 
 
 @_fp8_grouped_gate_up_op.register_fake
-def _(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool) -> Tensor:
+def _(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool, bf16_wgrad: bool) -> Tensor:
     return x.new_empty(x.shape[0], 2 * w1.shape[1], dtype=torch.bfloat16)
 
 
 @torch.library.custom_op("lit_deepseek::fp8_grouped_gate_up_backward", mutates_args=())
 def _fp8_grouped_gate_up_backward_op(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor,
-                                     emulate: bool) -> tuple[Tensor, Tensor, Tensor]:
+                                     emulate: bool, bf16_wgrad: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _gate_up_backward(
         g, x, w1, w3, lambda a, sa, b, sb: blockwise_grouped_mm_t(a, sa, b, sb, offsets, emulate),
-        lambda a, sa, b, sb: _blockwise_grouped_wgrad_q(a, sa, b, sb, offsets, emulate))
+        lambda a, sa, b, sb: _blockwise_grouped_wgrad_q(a, sa, b, sb, offsets, emulate),
+        (lambda gb, xb: grouped_weight_grad(gb, xb, offsets, w1.shape[0], emulate)) if bf16_wgrad else None)
 
 
 @_fp8_grouped_gate_up_backward_op.register_fake
-def _(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool,
+      bf16_wgrad: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _fresh_like(x, w1, w3)
 
 
 def _fp8_grouped_gate_up_backward(ctx: Any, g: Tensor) -> tuple:
     x, w1, w3, offsets = ctx.saved_tensors
-    (emulate,) = ctx.args
-    return (*_fp8_grouped_gate_up_backward_op(g, x, w1, w3, offsets, emulate), None, None)
+    emulate, bf16_wgrad = ctx.args
+    return (*_fp8_grouped_gate_up_backward_op(g, x, w1, w3, offsets, emulate, bf16_wgrad), None, None, None)
 
 
 _fp8_grouped_gate_up_op.register_autograd(_fp8_grouped_gate_up_backward, setup_context=_save_inputs)
 
 
-def fp8_grouped_gate_up(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool = False) -> tuple[Tensor, Tensor]:
+def fp8_grouped_gate_up(x: Tensor, w1: Tensor, w3: Tensor, offsets: Tensor, emulate: bool = False,
+                        bf16_wgrad: bool = False) -> tuple[Tensor, Tensor]:
     """Differentiable (gate, up) = (x_e @ w1[e].T, x_e @ w3[e].T) of the routed experts (w1, w3 [E, N,
     K], N a multiple of 128), bf16, in block-scaled FP8 as one grouped product; the values of two
-    blockwise `fp8_grouped_linear` calls, up to float32 summation order in the input gradient."""
+    blockwise `fp8_grouped_linear` calls (same bf16_wgrad), up to float32 summation order in the
+    input gradient (and, with bf16_wgrad, bf16 rounding of the weight gradient)."""
     _check_gate_up(w1, w3)
-    return _fp8_grouped_gate_up_op(x, w1, w3, offsets, emulate).split(w1.shape[1], dim=-1)
+    return _fp8_grouped_gate_up_op(x, w1, w3, offsets, emulate, bf16_wgrad).split(w1.shape[1], dim=-1)
 
 
 def fp8_blockwise_grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, emulate: bool = False) -> Tensor:
@@ -764,6 +785,7 @@ class Float8GroupedExperts(GroupedExperts):
     fp8_enabled: bool = True
     fp8_emulate: Optional[bool] = None
     fp8_recipe: str = "blockwise"
+    fp8_wgrad: str = "fp8"  # the weight-gradient products under the blockwise recipe: "fp8" or "bf16"
 
     def forward(self, x: Tensor, counts: Tensor, use_grouped_mm: Optional[bool] = None) -> Tensor:
         if not self.fp8_enabled:
@@ -771,12 +793,13 @@ class Float8GroupedExperts(GroupedExperts):
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         e = self.fp8_emulate if self.fp8_emulate is not None else not x.is_cuda
         x = x.to(compute_dtype(x))  # as GroupedExperts: the autocast dtype under mixed precision
-        r = self.fp8_recipe
+        r, bw = self.fp8_recipe, self.fp8_wgrad == "bf16"
         if r == "blockwise" and gate_up_fusable(self.w1, self.w3):  # gate and up as one product
-            gate, up = fp8_grouped_gate_up(x, self.w1, self.w3, offsets, e)
+            gate, up = fp8_grouped_gate_up(x, self.w1, self.w3, offsets, e, bw)
         else:
-            gate, up = fp8_grouped_linear(x, self.w1, offsets, e, r), fp8_grouped_linear(x, self.w3, offsets, e, r)
-        return fp8_grouped_linear(swiglu(gate, up), self.w2, offsets, e, r).to(x.dtype)
+            gate, up = (fp8_grouped_linear(x, self.w1, offsets, e, r, bw),
+                        fp8_grouped_linear(x, self.w3, offsets, e, r, bw))
+        return fp8_grouped_linear(swiglu(gate, up), self.w2, offsets, e, r, bw).to(x.dtype)
 
 
 class Float8SwiGLU(SwiGLU):
@@ -831,18 +854,23 @@ def fp8_excluded(name: str, exclude: Sequence[str]) -> bool:
 
 
 def convert_to_fp8(module: nn.Module, recipe: str = "rowwise", exclude: Sequence[str] = DEFAULT_EXCLUDE,
-                   emulate: Optional[bool] = None, experts: bool = True) -> dict[str, int]:
+                   emulate: Optional[bool] = None, experts: bool = True,
+                   expert_wgrad: str = "fp8") -> dict[str, int]:
     """Switch the linear layers and routed experts of `module` to FP8 in place, except those named
     by `exclude` (default: embedding, output head, MoE router). Returns {"linear": n, "experts": m}.
 
     recipe: "blockwise" (DeepSeek-V3's 1x128 / 128x128 tiles) or "rowwise". emulate: None = the
     FP8 kernels for CUDA inputs and the float32 emulation elsewhere (a warning when no CUDA GPU is
     present); True = always the emulation; False = always the kernels (a GPU that runs `recipe` is
-    required: ConfigError naming training.use_fp8). Weights may be DTensors (tensor parallelism,
+    required: ConfigError naming training.use_fp8). expert_wgrad: the routed experts' weight
+    gradients under the blockwise recipe, "fp8" (1x128 tiles along the tokens, the Triton kernel) or
+    "bf16" (torch's grouped GEMM on the unquantized operands; the row-wise recipe always does this). Weights may be DTensors (tensor parallelism,
     FSDP2); parameters, names and state dicts are unchanged, so this may run before or after sharding.
     """
     if recipe not in RECIPES:
         raise ConfigError(f"training.fp8_recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if expert_wgrad not in ("fp8", "bf16"):
+        raise ConfigError(f"training.fp8_expert_wgrad: must be fp8 or bf16, got {expert_wgrad!r}")
     if emulate is False or (emulate is None and torch.cuda.is_available()):
         check_fp8_supported(recipe)
     if emulate is None and not torch.cuda.is_available():
@@ -864,6 +892,8 @@ def convert_to_fp8(module: nn.Module, recipe: str = "rowwise", exclude: Sequence
         else:
             continue
         sub.fp8_emulate, sub.fp8_recipe = emulate, recipe
+        if kind == "experts":
+            sub.fp8_wgrad = expert_wgrad
         counts[kind] += 1
     return counts
 

@@ -6,7 +6,7 @@ In this order, each step working on what the previous ones left:
 2. token dispatcher and expert sharding (EP): each part keeps its EP rank's routed experts;
 3. tensor parallelism (TP, optionally sequence parallel): DTensor plans on attention and FFNs;
 4. activation checkpointing (``training.activation_checkpointing``);
-5. FP8 (``training.use_fp8``, ``fp8_recipe``, ``fp8_exclude``): linear layers (tensor-parallel
+5. FP8 (``training.use_fp8``, ``fp8_recipe``, ``fp8_expert_wgrad``, ``fp8_exclude``): linear layers (tensor-parallel
    ones shard by shard) and routed experts, except the excluded modules;
 6. regional compile (``training.compile``);
 7. FSDP (ZeRO-2/3): experts over ``dp``, dense modules over ``dp_ep``.
@@ -137,7 +137,8 @@ def _apply_fp8(parts: list[nn.Module], cfg: DeepSeekConfig) -> None:
     from lit_deepseek.kernels.fp8 import convert_to_fp8
 
     for part in parts:
-        convert_to_fp8(part, recipe=cfg.training.fp8_recipe, exclude=cfg.training.fp8_exclude)
+        convert_to_fp8(part, recipe=cfg.training.fp8_recipe, exclude=cfg.training.fp8_exclude,
+                       expert_wgrad=cfg.training.fp8_expert_wgrad)
 
 
 __all__ = ["ParallelModel", "PipelineStages", "parallelize"]
