@@ -61,6 +61,7 @@ class Row:
     fp8: bool = False
     fp8_recipe: str = "blockwise"
     expert_wgrad: str = "fp8"  # training.fp8_expert_wgrad; ...-ewbf16 in the name for bf16
+    fp8_experts: bool = True  # False: routed experts added to training.fp8_exclude (...-noexp in the name)
     mtp: int = 1
     checkpoint_every: int = 0  # 0: no periodic save during the timed steps
     graphs: bool = True  # training.cuda_graphs (the default); a row named ...-nograph runs the eager step
@@ -74,6 +75,8 @@ class Row:
             parts.append("fp8" if self.fp8_recipe == "blockwise" else f"fp8{self.fp8_recipe}")
             if self.expert_wgrad != "fp8":
                 parts.append(f"ew{self.expert_wgrad}")
+            if not self.fp8_experts:
+                parts.append("noexp")
         if self.checkpoint_every:
             parts.append(f"ckpt{self.checkpoint_every}")
         if not self.graphs:
@@ -136,6 +139,7 @@ def fit_command(row: Row, run_dir: Path, steps: int, log_every_n_steps: int) -> 
             "--training.precision", row.precision, "--training.compile", str(row.compile).lower(),
             "--training.use_fp8", str(row.fp8).lower(), "--training.fp8_recipe", row.fp8_recipe,
             "--training.fp8_expert_wgrad", row.expert_wgrad,
+            *(() if row.fp8_experts else ("--training.fp8_exclude", "[embed, head, gate, experts]")),
             "--training.cuda_graphs", str(row.graphs).lower(),
             "--training.bf16_weight_copy", str(row.weight_copy).lower(),
             "--training.lr_warmup_steps", "2",

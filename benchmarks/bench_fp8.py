@@ -65,9 +65,11 @@ SMOKE = ["--model.num_layers", "2"]
 # the local corpus (see local_corpus): pieces of about 4 KB, shuffled once with a fixed seed, in shards of
 # 2**20 tokens (~57 shards for 60 MB)
 PIECE_BYTES, CORPUS_SEED, SHARD_TOKENS = 4096, 0, 2**20
-#: variant -> (use_fp8, fp8_recipe, fp8_expert_wgrad); the speed phase's --recipes and the convergence runs use these
-VARIANTS = {"bf16": (False, "blockwise", "fp8"), "fp8-blockwise": (True, "blockwise", "fp8"),
-            "fp8-rowwise": (True, "rowwise", "fp8"), "fp8-blockwise-ewbf16": (True, "blockwise", "bf16")}
+#: variant -> (use_fp8, fp8_recipe, fp8_expert_wgrad, routed experts in FP8); the speed phase's --recipes and the
+#: convergence runs use these
+VARIANTS = {"bf16": (False, "blockwise", "fp8", True), "fp8-blockwise": (True, "blockwise", "fp8", True),
+            "fp8-rowwise": (True, "rowwise", "fp8", True), "fp8-blockwise-ewbf16": (True, "blockwise", "bf16", True),
+            "fp8-blockwise-noexp": (True, "blockwise", "fp8", False)}
 #: convergence runs: name -> (variant, seed A or B); --conv-runs picks among them
 CONV_RUNS = {"bf16-seedA": ("bf16", "a"), "bf16-seedB": ("bf16", "b"), "fp8-blockwise": ("fp8-blockwise", "a"),
              "fp8-rowwise": ("fp8-rowwise", "a"), "fp8-blockwise-ewbf16": ("fp8-blockwise-ewbf16", "a")}
@@ -143,10 +145,10 @@ def conv_run(name: str, variant: str, seed: int, args: argparse.Namespace, work:
     finishes, a checkpoint is saved), and a kill 120 s later. With --resume it continues from the
     run's `last` checkpoint, in the same MLflow run. Returns its train/loss from the first step."""
     cpu = args.device == "cpu"
-    fp8, recipe, wgrad = VARIANTS[variant]
+    fp8, recipe, wgrad, experts = VARIANTS[variant]
     row = bench_fit.Row("demo" if cpu else "fp8conv", seq=64 if cpu else 1024, micro=2 if cpu else 32,
                         global_batch=4 if cpu else 64, precision="32-true" if cpu else "bf16-mixed",
-                        compile=not cpu, fp8=fp8, fp8_recipe=recipe, expert_wgrad=wgrad,
+                        compile=not cpu, fp8=fp8, fp8_recipe=recipe, expert_wgrad=wgrad, fp8_experts=experts,
                         checkpoint_every=2 if cpu else 100)
     run_dir = work / name
     resume = args.resume and any(run_dir.rglob("last.ckpt"))
@@ -336,9 +338,9 @@ def speed(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> l
         base = None
         name, micro = SPEED[config]
         for variant in args.recipes.split(","):
-            fp8, recipe, wgrad = VARIANTS[variant.removesuffix("-nograph")]  # -nograph: training.cuda_graphs false
+            fp8, recipe, wgrad, experts = VARIANTS[variant.removesuffix("-nograph")]  # -nograph: no CUDA graphs
             row = bench_fit.Row(name, 4096, micro=micro, global_batch=micro, fp8=fp8, fp8_recipe=recipe,
-                                expert_wgrad=wgrad,
+                                expert_wgrad=wgrad, fp8_experts=experts,
                                 graphs=not variant.endswith("-nograph"))
             left = deadline - time.time()
             if left < 90:
@@ -383,7 +385,7 @@ def main() -> None:
     ap.add_argument("--seed-b", type=int, default=4321)
     ap.add_argument("--speed-configs", default="small,large", help="comma list of: small, large")
     ap.add_argument("--recipes", default="bf16,fp8-blockwise,fp8-rowwise",
-                    help="speed variants (each also as NAME-nograph: without CUDA graphs)")
+                    help=f"speed variants, of: {', '.join(VARIANTS)} (each also as NAME-nograph: without CUDA graphs)")
     ap.add_argument("--speed-steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4, help="speed: steps before timing starts")
     ap.add_argument("--run-limit-s", type=float, default=200, help="hard limit of one speed run")
