@@ -71,8 +71,8 @@ VARIANTS = {"bf16": (False, "blockwise", "fp8", True), "fp8-blockwise": (True, "
             "fp8-rowwise": (True, "rowwise", "fp8", True), "fp8-blockwise-ewbf16": (True, "blockwise", "bf16", True),
             "fp8-blockwise-noexp": (True, "blockwise", "fp8", False)}
 #: convergence runs: name -> (variant, seed A or B); --conv-runs picks among them
-CONV_RUNS = {"bf16-seedA": ("bf16", "a"), "bf16-seedB": ("bf16", "b"), "fp8-blockwise": ("fp8-blockwise", "a"),
-             "fp8-rowwise": ("fp8-rowwise", "a"), "fp8-blockwise-ewbf16": ("fp8-blockwise-ewbf16", "a")}
+CONV_RUNS = {"bf16-seedA": ("bf16", "a"), "bf16-seedB": ("bf16", "b"),
+             **{v: (v, "a") for v in VARIANTS if v.startswith("fp8")}}
 
 
 def final_loss(loss: list[float], window: int) -> Optional[float]:
@@ -399,6 +399,9 @@ def main() -> None:
                     help="continue the convergence runs of the newest folder under --work from their last "
                          "checkpoints (a convergence that needs more than one call)")
     args = ap.parse_args()
+    unknown = [r for r in args.conv_runs.split(",") if r not in CONV_RUNS]
+    if unknown:
+        ap.error(f"--conv-runs: unknown {', '.join(unknown)}; runs: {', '.join(CONV_RUNS)}")
     if args.replicates < 1:
         ap.error(f"--replicates: at least 1, got {args.replicates}")
     args.corpus = args.corpus or ("builtin" if args.device == "cpu" else "local")

@@ -785,7 +785,7 @@ class Float8GroupedExperts(GroupedExperts):
     fp8_enabled: bool = True
     fp8_emulate: Optional[bool] = None
     fp8_recipe: str = "blockwise"
-    fp8_wgrad: str = "fp8"  # the weight-gradient products under the blockwise recipe: "fp8" or "bf16"
+    fp8_wgrad: str = "bf16"  # the weight-gradient products under the blockwise recipe: "bf16" or "fp8"
 
     def forward(self, x: Tensor, counts: Tensor, use_grouped_mm: Optional[bool] = None) -> Tensor:
         if not self.fp8_enabled:
@@ -853,9 +853,17 @@ def fp8_excluded(name: str, exclude: Sequence[str]) -> bool:
     return False
 
 
+#: why training.fp8_expert_wgrad: fp8 warns on CUDA (benchmarks/RESULTS.md, 2026-12-07, tenth session)
+FP8_EXPERT_WGRAD_WARNING = (
+    "training.fp8_expert_wgrad: fp8 runs the routed experts' weight gradients through the FP8 Triton path, which "
+    "is 6.5x slower than bf16 at the small config's shapes and gave wrong gradients on an H100 at one tested "
+    "shape (tests/test_fp8.py::test_blockwise_experts_fp8_weight_gradient_on_gpu); bf16 (the default) is "
+    "recommended")
+
+
 def convert_to_fp8(module: nn.Module, recipe: str = "rowwise", exclude: Sequence[str] = DEFAULT_EXCLUDE,
                    emulate: Optional[bool] = None, experts: bool = True,
-                   expert_wgrad: str = "fp8") -> dict[str, int]:
+                   expert_wgrad: str = "bf16") -> dict[str, int]:
     """Switch the linear layers and routed experts of `module` to FP8 in place, except those named
     by `exclude` (default: embedding, output head, MoE router). Returns {"linear": n, "experts": m}.
 
@@ -863,14 +871,17 @@ def convert_to_fp8(module: nn.Module, recipe: str = "rowwise", exclude: Sequence
     FP8 kernels for CUDA inputs and the float32 emulation elsewhere (a warning when no CUDA GPU is
     present); True = always the emulation; False = always the kernels (a GPU that runs `recipe` is
     required: ConfigError naming training.use_fp8). expert_wgrad: the routed experts' weight
-    gradients under the blockwise recipe, "fp8" (1x128 tiles along the tokens, the Triton kernel) or
-    "bf16" (torch's grouped GEMM on the unquantized operands; the row-wise recipe always does this). Weights may be DTensors (tensor parallelism,
+    gradients under the blockwise recipe, "bf16" (torch's grouped GEMM on the unquantized operands,
+    as the row-wise recipe always does) or "fp8" (1x128 tiles along the tokens, the Triton kernel;
+    a warning on CUDA: see `FP8_EXPERT_WGRAD_WARNING`). Weights may be DTensors (tensor parallelism,
     FSDP2); parameters, names and state dicts are unchanged, so this may run before or after sharding.
     """
     if recipe not in RECIPES:
         raise ConfigError(f"training.fp8_recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}")
     if expert_wgrad not in ("fp8", "bf16"):
-        raise ConfigError(f"training.fp8_expert_wgrad: must be fp8 or bf16, got {expert_wgrad!r}")
+        raise ConfigError(f"training.fp8_expert_wgrad: must be bf16 or fp8, got {expert_wgrad!r}")
+    if recipe == "blockwise" and expert_wgrad == "fp8" and emulate is not True and torch.cuda.is_available():
+        _warn_once("expert-wgrad", FP8_EXPERT_WGRAD_WARNING)
     if emulate is False or (emulate is None and torch.cuda.is_available()):
         check_fp8_supported(recipe)
     if emulate is None and not torch.cuda.is_available():
