@@ -60,7 +60,7 @@ class Row:
     compile: bool = True
     fp8: bool = False
     fp8_recipe: str = "blockwise"
-    expert_wgrad: str = "fp8"  # training.fp8_expert_wgrad; ...-ewbf16 in the name for bf16
+    expert_wgrad: str = "bf16"  # training.fp8_expert_wgrad (the default bf16; ...-ewfp8 in the name for fp8)
     fp8_experts: bool = True  # False: routed experts added to training.fp8_exclude (...-noexp in the name)
     mtp: int = 1
     checkpoint_every: int = 0  # 0: no periodic save during the timed steps
@@ -73,7 +73,7 @@ class Row:
                  self.precision, "compile" if self.compile else "eager"]
         if self.fp8:
             parts.append("fp8" if self.fp8_recipe == "blockwise" else f"fp8{self.fp8_recipe}")
-            if self.expert_wgrad != "fp8":
+            if self.expert_wgrad != "bf16":
                 parts.append(f"ew{self.expert_wgrad}")
             if not self.fp8_experts:
                 parts.append("noexp")
@@ -111,15 +111,15 @@ def select_rows(wanted: list[str]) -> list[Row]:
         copy = base == name
         graph_base = base.removesuffix("-nograph")
         graphs = graph_base == base
-        recipe, wgrad = "blockwise", "fp8"
+        recipe, wgrad = "blockwise", "bf16"
         if "-fp8rowwise" in graph_base:  # an FP8 row under `training.fp8_recipe: rowwise`
             graph_base, recipe = graph_base.replace("-fp8rowwise", "-fp8"), "rowwise"
-        if graph_base.endswith("-fp8-ewbf16"):  # `training.fp8_expert_wgrad: bf16`
-            graph_base, wgrad = graph_base.removesuffix("-ewbf16"), "bf16"
+        if graph_base.endswith("-fp8-ewfp8"):  # `training.fp8_expert_wgrad: fp8`
+            graph_base, wgrad = graph_base.removesuffix("-ewfp8"), "fp8"
         if graph_base not in known:
             raise SystemExit(f"--rows: unknown row {name!r}; rows: {', '.join(known)} (each also as NAME-nograph, "
                              "NAME-nocopy, NAME-nograph-nocopy; an fp8 row also as ...-fp8rowwise... or "
-                             "...-fp8-ewbf16...)")
+                             "...-fp8-ewfp8...)")
         rows.append(dataclasses.replace(known[graph_base], graphs=graphs, weight_copy=copy, fp8_recipe=recipe,
                                         expert_wgrad=wgrad))
     return rows

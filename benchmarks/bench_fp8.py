@@ -1,7 +1,8 @@
 """FP8 against BF16 through the product path: `lit-deepseek fit` runs, read back from MLflow.
 
 (a) convergence: BF16 seed A, BF16 seed B (the seed-to-seed noise floor), FP8 blockwise and FP8
-    row-wise (seed A) on the model of `benchmarks/fp8_conv.yaml` (stacked on configs/cpu_demo.yaml):
+    row-wise (seed A; --conv-runs picks other FP8 variants: fp8-blockwise-ewfp8 with the routed
+    experts' FP8 weight gradient, fp8-blockwise-noexp with the routed experts in BF16) on the model of `benchmarks/fp8_conv.yaml` (stacked on configs/cpu_demo.yaml):
     the same shards for all four, 65,536 tokens per step, bf16-mixed, regional compile. Data
     (--corpus): `local` (the default on the GPU) is the .py/.rst/.md/.txt files of this Python
     installation (sorted paths, UTF-8 only, no duplicates, up to --corpus-mb MB), cut at line ends
@@ -18,7 +19,8 @@
     four N times (same seed, same data) and judges the targets on the means, since GPU kernels are not
     bitwise deterministic and a same-seed rerun can drift by more than the 0.5% asked. Writes a gap table and a PNG of
     the curves (under --out and benchmarks/), and logs both to each run's MLflow store.
-(b) speed: tokens/s and MFU of bf16 vs FP8 blockwise vs FP8 row-wise (bf16-mixed, compile) on the
+(b) speed: tokens/s and MFU of bf16 vs FP8 blockwise vs FP8 row-wise (--recipes: any of the variants above;
+    bf16-mixed, compile) on the
     small config (8 x 4096 tokens per step) and on the d_model 2048 config of `v3_d2048.yaml`
     (4 x 4096), measured by `bench_fit.py`'s product rows (tokens of the timed steps over the
     MLflow timestamps of their metrics).
@@ -67,9 +69,11 @@ SMOKE = ["--model.num_layers", "2"]
 PIECE_BYTES, CORPUS_SEED, SHARD_TOKENS = 4096, 0, 2**20
 #: variant -> (use_fp8, fp8_recipe, fp8_expert_wgrad, routed experts in FP8); the speed phase's --recipes and the
 #: convergence runs use these
-VARIANTS = {"bf16": (False, "blockwise", "fp8", True), "fp8-blockwise": (True, "blockwise", "fp8", True),
-            "fp8-rowwise": (True, "rowwise", "fp8", True), "fp8-blockwise-ewbf16": (True, "blockwise", "bf16", True),
-            "fp8-blockwise-noexp": (True, "blockwise", "fp8", False)}
+#: (fp8-blockwise is the product's default FP8: bf16 expert weight gradient; before 2026-12-07's eleventh session
+#: that run used the FP8 one, now fp8-blockwise-ewfp8)
+VARIANTS = {"bf16": (False, "blockwise", "bf16", True), "fp8-blockwise": (True, "blockwise", "bf16", True),
+            "fp8-rowwise": (True, "rowwise", "bf16", True), "fp8-blockwise-ewfp8": (True, "blockwise", "fp8", True),
+            "fp8-blockwise-noexp": (True, "blockwise", "bf16", False)}
 #: convergence runs: name -> (variant, seed A or B); --conv-runs picks among them
 CONV_RUNS = {"bf16-seedA": ("bf16", "a"), "bf16-seedB": ("bf16", "b"),
              **{v: (v, "a") for v in VARIANTS if v.startswith("fp8")}}

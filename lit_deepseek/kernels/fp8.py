@@ -853,7 +853,7 @@ def fp8_excluded(name: str, exclude: Sequence[str]) -> bool:
     return False
 
 
-#: why training.fp8_expert_wgrad: fp8 warns on CUDA (benchmarks/RESULTS.md, 2026-12-07, tenth session)
+#: why training.fp8_expert_wgrad: fp8 warns on CUDA (benchmarks/RESULTS.md, 2026-12-07, eleventh session)
 FP8_EXPERT_WGRAD_WARNING = (
     "training.fp8_expert_wgrad: fp8 runs the routed experts' weight gradients through the FP8 Triton path, which "
     "is 6.5x slower than bf16 at the small config's shapes and gave wrong gradients on an H100 at one tested "
