@@ -547,6 +547,33 @@ def test_blockwise_experts_fp8_weight_gradient_on_gpu(fused: bool, monkeypatch: 
         assert report[i]["emulation-triton-vs-torch-quant"] < 1e-6, report
 
 
+@pytest.mark.gpu
+@block_fp8_gpu
+@pytest.mark.parametrize("fused", [True, False])
+def test_blockwise_dense_weight_gradient_at_the_expert_fault_shape_on_gpu(fused: bool) -> None:
+    """The dense layers' FP8 weight gradient (same Triton quantizers as the experts' FP8 one) at the
+    shape where that one failed on the GPU: 1024 tokens, K 256, N 256, bf16 operands; within the FP8
+    bound of float64 and close to its float32 emulation."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
+    w1, w3 = ((torch.randn(256, 256, device="cuda") * 0.05).bfloat16() for _ in range(2))
+    g = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16)
+    grads = {}
+    for emulate in (False, True):
+        xi, a, b = (t.clone().requires_grad_() for t in (x, w1, w3))
+        if fused:
+            gate, up = fp8_gate_up(xi, a, b, emulate)
+        else:
+            gate, up = (fp8.fp8_linear(xi, w, "blockwise", emulate) for w in (a, b))
+        torch.cat((gate, up), -1).backward(g)
+        grads[emulate] = [t.grad.float() for t in (xi, a, b)]
+    x64, a64, b64 = (t.double().requires_grad_() for t in (x, w1, w3))
+    torch.cat((x64 @ a64.t(), x64 @ b64.t()), -1).backward(g.double())
+    for kernel, emulated, exact in zip(grads[False], grads[True], (x64.grad, a64.grad, b64.grad), strict=True):
+        assert rel(kernel, exact) < FP8_BOUND, (rel(kernel, exact), rel(emulated, exact))
+        assert rel(kernel, emulated) < KERNEL_VS_EMULATION
+
+
 def test_expert_wgrad_setting_reaches_the_experts() -> None:
     """training.fp8_expert_wgrad goes through `parallelize` to every routed-experts module."""
     import warnings
