@@ -596,7 +596,7 @@ def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Te
     if recipe == "blockwise" and bf16_wgrad:
         wt, swt = _q_128x128(w.transpose(-2, -1))
         dx = blockwise_grouped_mm_t(*_q_1x128(g), wt, swt, offsets, emulate)
-        dw = grouped_weight_grad(g.to(x.dtype), x, offsets, e, emulate)
+        dw = grouped_weight_grad(g.bfloat16(), x.bfloat16(), offsets, e, emulate)
     elif recipe == "blockwise":
         wt, swt = _q_128x128(w.transpose(-2, -1))  # as the dense backward: blocks of w[e].T directly
         gq, sg, gq_t, sg_t = _q_1x128_dual(g)
@@ -604,7 +604,7 @@ def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Te
         dw = blockwise_grouped_wgrad(gq_t, sg_t, x, offsets, emulate)[:, :n]
     else:
         dx = fp8_grouped_mm_t(g, w.transpose(-2, -1).contiguous(), offsets, emulate)
-        dw = grouped_weight_grad(g.to(x.dtype), x, offsets, e, emulate)
+        dw = grouped_weight_grad(g.bfloat16(), x.bfloat16(), offsets, e, emulate)
     return _fresh(dx, k, x.dtype), _fresh(dw, k, w.dtype)
 
 
@@ -660,7 +660,7 @@ def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any
     g = g.contiguous()
     if bf16_wgrad is not None:
         dx = product(*_q_1x128(g), _cat_e4m3((t1, t3), -1), torch.cat((st1, st3), -1))
-        dw = bf16_wgrad(g.to(x.dtype), x)
+        dw = bf16_wgrad(g.bfloat16(), x.bfloat16())
         dw1, dw3 = dw[..., :n, :], dw[..., n:, :]
     else:
         gq, sg, gq_t, sg_t = _q_1x128_dual(g)
