@@ -3,7 +3,8 @@ goes, not a product figure (the product figures come from `bench_fp8.py --phases
 
 At the small config's shapes (8 x 4096 = 32768 tokens; the dense projections of one layer, and the
 routed experts' grouped products over 16 experts with 65536 routed rows) it times forward + backward
-of `fp8_linear` / `fp8_grouped_linear` (blockwise and rowwise, the custom ops the product runs)
+of `fp8_linear` / `fp8_grouped_linear` (blockwise, blockwise with the bf16 expert weight gradient that
+the product runs by default, and rowwise: the custom ops the product runs)
 against the bf16 products of the default precision, and, separately, the quantizers and the
 forward GEMMs alone. CUDA events, 10 (5 for the experts) calls after 3 warm-up calls.
 
@@ -121,9 +122,9 @@ def gate_up_pair(k: int, n: int, offsets: torch.Tensor, grouped: bool) -> None:
     w1, w3 = ((torch.randn(*((EXPERTS,) if grouped else ()), n, k, device="cuda") * 0.02).requires_grad_()
               for _ in range(2))
     g = torch.randn(x.shape[0], n, device="cuda", dtype=torch.bfloat16)
-    if grouped:
-        fused = lambda: fp8.fp8_grouped_gate_up(x, w1, w3, offsets)  # noqa: E731
-        separate = lambda: [fp8.fp8_grouped_linear(x, w, offsets, False, "blockwise") for w in (w1, w3)]  # noqa: E731
+    if grouped:  # bf16 expert weight gradient, the product's default (training.fp8_expert_wgrad)
+        fused = lambda: fp8.fp8_grouped_gate_up(x, w1, w3, offsets, False, True)  # noqa: E731
+        separate = lambda: [fp8.fp8_grouped_linear(x, w, offsets, False, "blockwise", True) for w in (w1, w3)]  # noqa: E731
     else:
         fused = lambda: fp8.fp8_gate_up(x, w1, w3)  # noqa: E731
         separate = lambda: [fp8.fp8_linear(x, w, "blockwise") for w in (w1, w3)]  # noqa: E731
@@ -144,9 +145,11 @@ def experts_product(k: int, n: int, offsets: torch.Tensor) -> None:
         grouped_mm(x, w.to(torch.bfloat16).transpose(-2, -1), offs=offsets).backward(g)
 
     res = {"bf16": bench(bf16, 5, host_key=f"experts {k} bf16")}
-    for recipe in ("blockwise", "rowwise"):
-        res[recipe] = bench(lambda r=recipe: fp8.fp8_grouped_linear(x, w, offsets, False, r).backward(g), 5,
-                            host_key=f"experts {k} {recipe}")
+    # blockwise-ewbf16: the product's default for routed experts (training.fp8_expert_wgrad bf16)
+    for name, recipe, bw in (("blockwise", "blockwise", False), ("blockwise-ewbf16", "blockwise", True),
+                             ("rowwise", "rowwise", False)):
+        res[name] = bench(lambda r=recipe, b=bw: fp8.fp8_grouped_linear(x, w, offsets, False, r, b).backward(g), 5,
+                          host_key=f"experts {k} {name}")
     xq, sx = fp8.quantize_1x128(x)
     wq, sw = fp8.quantize_128x128(w)
     fwd = bench(lambda: fp8.blockwise_grouped_mm_t(xq, sx, wq, sw, offsets, False), 5)
