@@ -2,7 +2,8 @@
 
 (a) convergence: BF16 seed A, BF16 seed B (the seed-to-seed noise floor), FP8 blockwise and FP8
     row-wise (seed A; --conv-runs picks other FP8 variants: fp8-blockwise-ewfp8 with the routed
-    experts' FP8 weight gradient, fp8-blockwise-noexp with the routed experts in BF16) on the model of `benchmarks/fp8_conv.yaml` (stacked on configs/cpu_demo.yaml):
+    experts' FP8 weight gradient, fp8-blockwise-noexp with the routed experts in BF16) on the model
+    of `benchmarks/fp8_conv.yaml` (stacked on configs/cpu_demo.yaml):
     the same shards for all four, 65,536 tokens per step, bf16-mixed, regional compile. Data
     (--corpus): `local` (the default on the GPU) is the .py/.rst/.md/.txt files of this Python
     installation (sorted paths, UTF-8 only, no duplicates, up to --corpus-mb MB), cut at line ends
@@ -19,10 +20,9 @@
     four N times (same seed, same data) and judges the targets on the means, since GPU kernels are not
     bitwise deterministic and a same-seed rerun can drift by more than the 0.5% asked. Writes a gap table and a PNG of
     the curves (under --out and benchmarks/), and logs both to each run's MLflow store.
-(b) speed: tokens/s and MFU of bf16 vs FP8 blockwise vs FP8 row-wise (--recipes: any of the variants above;
-    bf16-mixed, compile) on the
-    small config (8 x 4096 tokens per step) and on the d_model 2048 config of `v3_d2048.yaml`
-    (4 x 4096), measured by `bench_fit.py`'s product rows (tokens of the timed steps over the
+(b) speed: tokens/s and MFU of bf16 vs FP8 blockwise vs FP8 row-wise (--recipes: any of the variants
+    above; bf16-mixed, compile) on the small config (8 x 4096 tokens per step) and on the d_model
+    2048 config of `v3_d2048.yaml` (4 x 4096), measured by `bench_fit.py`'s product rows (tokens of the timed steps over the
     MLflow timestamps of their metrics).
 
 Every run is a `lit-deepseek fit` subprocess (`bench_fit.fit_command`) with a hard time limit; no

@@ -470,7 +470,7 @@ def _expert_wgrad_case(device: str, emulate: bool, fused: bool) -> tuple[dict, l
     k, n = 256, 256
     x = torch.randn(int(counts.sum()), k, device=device, dtype=dtype)
     w1, w3 = ((torch.randn(5, n, k, device=device) * 0.05).to(dtype) for _ in range(2))
-    g = torch.randn(x.shape[0], 2 * n, device=device).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    g = torch.randn(x.shape[0], 2 * n, device=device).to(dtype)
     out = {}
     for mode in ("fp8", "bf16"):
         xi, a, b = (t.clone().requires_grad_() for t in (x, w1, w3))

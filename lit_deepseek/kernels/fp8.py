@@ -593,17 +593,18 @@ def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Te
     """(dx, dw) of `fp8_grouped_linear`; the row-wise recipe (and the blockwise one with bf16_wgrad)
     keeps the weight gradient in bf16."""
     (e, n, k), g = w.shape, g.contiguous()
-    if recipe == "blockwise" and bf16_wgrad:
-        wt, swt = _q_128x128(w.transpose(-2, -1))
-        dx = blockwise_grouped_mm_t(*_q_1x128(g), wt, swt, offsets, emulate)
-        dw = grouped_weight_grad(g.bfloat16(), x.bfloat16(), offsets, e, emulate)
-    elif recipe == "blockwise":
+    bf16_wgrad = bf16_wgrad or recipe != "blockwise"
+    if recipe == "blockwise":
         wt, swt = _q_128x128(w.transpose(-2, -1))  # as the dense backward: blocks of w[e].T directly
-        gq, sg, gq_t, sg_t = _q_1x128_dual(g)
-        dx = blockwise_grouped_mm_t(gq, sg, wt, swt, offsets, emulate)
-        dw = blockwise_grouped_wgrad(gq_t, sg_t, x, offsets, emulate)[:, :n]
+        if bf16_wgrad:
+            dx = blockwise_grouped_mm_t(*_q_1x128(g), wt, swt, offsets, emulate)
+        else:
+            gq, sg, gq_t, sg_t = _q_1x128_dual(g)
+            dx = blockwise_grouped_mm_t(gq, sg, wt, swt, offsets, emulate)
+            dw = blockwise_grouped_wgrad(gq_t, sg_t, x, offsets, emulate)[:, :n]
     else:
         dx = fp8_grouped_mm_t(g, w.transpose(-2, -1).contiguous(), offsets, emulate)
+    if bf16_wgrad:
         dw = grouped_weight_grad(g.bfloat16(), x.bfloat16(), offsets, e, emulate)
     return _fresh(dx, k, x.dtype), _fresh(dw, k, w.dtype)
 
@@ -658,15 +659,14 @@ def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any
     n, k = w1.shape[-2:]
     (t1, st1), (t3, st3) = _q_128x128(w1.transpose(-2, -1)), _q_128x128(w3.transpose(-2, -1))
     g = g.contiguous()
-    if bf16_wgrad is not None:
-        dx = product(*_q_1x128(g), _cat_e4m3((t1, t3), -1), torch.cat((st1, st3), -1))
+    gq, sg, *tiled_t = _q_1x128_dual(g) if bf16_wgrad is None else _q_1x128(g)
+    dx = product(gq, sg, _cat_e4m3((t1, t3), -1), torch.cat((st1, st3), -1))
+    if bf16_wgrad is None:
+        (gq_t, sg_t), (xq_t, sx_t) = tiled_t, _q_1x128_t(x)
+        dw1, dw3 = (wgrad(gq_t[rows], sg_t[rows], xq_t, sx_t) for rows in (slice(0, n), slice(n, 2 * n)))
+    else:
         dw = bf16_wgrad(g.bfloat16(), x.bfloat16())
         dw1, dw3 = dw[..., :n, :], dw[..., n:, :]
-    else:
-        gq, sg, gq_t, sg_t = _q_1x128_dual(g)
-        dx = product(gq, sg, _cat_e4m3((t1, t3), -1), torch.cat((st1, st3), -1))
-        xq_t, sx_t = _q_1x128_t(x)
-        dw1, dw3 = (wgrad(gq_t[rows], sg_t[rows], xq_t, sx_t) for rows in (slice(0, n), slice(n, 2 * n)))
     return _fresh(dx, k, x.dtype), _fresh(dw1, k, w1.dtype), _fresh(dw3, k, w3.dtype)
 
 
