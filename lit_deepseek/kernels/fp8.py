@@ -856,8 +856,7 @@ def fp8_excluded(name: str, exclude: Sequence[str]) -> bool:
 #: why training.fp8_expert_wgrad: fp8 warns on CUDA (benchmarks/RESULTS.md, 2026-12-07, eleventh session)
 FP8_EXPERT_WGRAD_WARNING = (
     "training.fp8_expert_wgrad: fp8 runs the routed experts' weight gradients through the FP8 Triton path, which "
-    "is 6.5x slower than bf16 at the small config's shapes and gave wrong gradients on an H100 at one tested "
-    "shape (tests/test_fp8.py::test_blockwise_experts_fp8_weight_gradient_on_gpu); bf16 (the default) is "
+    "was 6.5x slower than torch's bf16 grouped GEMM at the small config's shapes on an H100; bf16 (the default) is "
     "recommended")
 
 

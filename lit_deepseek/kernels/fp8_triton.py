@@ -298,18 +298,18 @@ def _rows_quantize_whole_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_qr,
 
 
 _ROWS = 32
-#: contiguous rows up to this length are quantized by `_rows_quantize_whole_kernel` (one read); longer
-#: ones (tokens along the row) and transposed operands by the amax + quantize pair, whose column
-#: chunks fill the GPU when there are few rows. The single-read kernel is kept off transposed
-#: operands: on an H100 (Triton 3.6) its output differed from the torch quantizer's for several tile
-#: shapes when the reduced dimension was the strided one (a weight gradient's x.t() of 4096 tokens),
-#: while the pair gave the torch quantizer's bits for every shape tried
+#: rows up to this length are quantized by `_rows_quantize_whole_kernel` (one read); longer ones
+#: (tokens along the row) by the amax + quantize pair, whose column chunks fill the GPU when there are
+#: few rows. Both read unit-stride rows only (`quantize_rows` copies a transposed operand first): on
+#: an H100 (Triton 3.6) the single-read kernel's output differed from the torch quantizer's for
+#: several tile shapes when it read a transposed operand in place, as `quantize_1x128_t`'s tiles did
 _WHOLE_ROW_MAX = 4096
 _WHOLE_ROW_ELEMENTS = 4096  # elements a program holds (BLOCK_R x BLOCK_C): <= 94 registers at 8 warps (sm_90)
 
 
 def _tiles(x: Tensor, rows_out: int) -> tuple[Tensor, Tensor]:
-    """x [R, C] (any strides) -> (e4m3 [rows_out, Cp], float32 [rows_out, Cp/128]); rows >= R are zero."""
+    """x [R, C] (unit-stride rows: see `quantize_1x128_t`) -> (e4m3 [rows_out, Cp], float32
+    [rows_out, Cp/128]); rows >= R are zero."""
     r, c = x.shape
     kt = -(-c // BLOCK)
     rows_alloc = -(-rows_out // _ROWS) * _ROWS  # whole programs; the extra rows are dropped below
@@ -331,9 +331,15 @@ def quantize_1x128(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def quantize_1x128_t(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`lit_deepseek.kernels.fp8.quantize_1x128_t` in one kernel: x [T, N] -> the 1x128 tiles of x.T
-    with N padded to a multiple of 128: (e4m3 [Np, Tp], [Np, Tp/128]); read in place, no transposed copy."""
-    return _tiles(x.t(), -(-x.shape[1] // BLOCK) * BLOCK)
+    """`lit_deepseek.kernels.fp8.quantize_1x128_t`: x [T, N] -> the 1x128 tiles of x.T with N padded
+    to a multiple of 128: (e4m3 [Np, Tp], [Np, Tp/128]). torch makes x.T contiguous first (one copy),
+    so that the kernel reads unit-stride rows: reading x.T in place, the kernel gave wrong e4m3 bits
+    for every bf16 x tried on an H100 (Triton 3.6; T 227 to 4096, N 256 to 2048, a quarter of the
+    values), which made the FP8 weight gradients of the dense layers and of the routed experts wrong
+    on the GPU; float32 x was right. `quantize_1x128_dual` writes the same tiles from x read in its
+    own order, and gave the torch quantizer's bits at all those shapes."""
+    xt = x.t()
+    return _tiles(xt if xt.stride(-1) == 1 else xt.contiguous(), -(-x.shape[1] // BLOCK) * BLOCK)
 
 
 def quantize_1x128_dual(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -376,13 +382,15 @@ def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`lit_deepseek.kernels.fp8.quantize_rows` in one kernel for contiguous rows up to `_WHOLE_ROW_MAX`
-    long, else two (row maxima, then the quantization): x [..., K] -> (e4m3 [..., K], [..., 1])."""
-    x2 = x.reshape(-1, x.shape[-1])  # a 2-D operand keeps its strides (a transposed one is read in place)
+    """`lit_deepseek.kernels.fp8.quantize_rows` in one kernel for rows up to `_WHOLE_ROW_MAX` long,
+    else two (row maxima, then the quantization): x [..., K] -> (e4m3 [..., K], [..., 1])."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:  # a transposed operand (the row-wise weight gradient's g.t(), x.t()): unit-stride
+        x2 = x2.contiguous()  # rows first, for the reason `quantize_1x128_t` gives
     r, c = x2.shape
     q = torch.empty(r, c, device=x.device, dtype=torch.uint8)
     s = torch.empty(r, device=x.device, dtype=torch.float32)
-    if r and c and c <= _WHOLE_ROW_MAX and x2.stride(1) == 1:
+    if r and c and c <= _WHOLE_ROW_MAX:
         block_c = triton.next_power_of_2(c)
         block_r = max(1, _WHOLE_ROW_ELEMENTS // block_c)
         _rows_quantize_whole_kernel[(-(-r // block_r),)](x2, q, s, r, c, x2.stride(0), q.stride(0),
