@@ -531,14 +531,14 @@ def _fp8_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, recipe: str, emulat
     """(dx, dw) of `fp8_linear` for the output gradient g [M, N], both products in FP8."""
     (n, k), g = w.shape, g.contiguous()
     if recipe == "blockwise":
-        # the forward's blocks again, quantized straight into the transposed layout (the quantizers
-        # read any strides): the 128x128 blocks of w.T are those of w, transposed, with the same scales
+        # the forward's blocks again, in the transposed layout: the 128x128 blocks of w.T are those
+        # of w, transposed, with the same scales (the quantizer reads w in its memory order)
         wq_t, sw_t = _q_128x128(w.t())
         gq, sg, gq_t, sg_t = _q_1x128_dual(g)  # g read once, tiled for both products
         dx = blockwise_mm_t(gq, sg, wq_t, sw_t, True, emulate)
         dw = blockwise_wgrad(gq_t, sg_t, x, emulate)[:n]
     else:
-        # transposed operands go to the quantizers as views: the Triton one reads any strides
+        # transposed operands go to the quantizers as views (the Triton one copies them to unit-stride rows)
         dx = fp8_mm_t(g, w.t(), emulate)
         dw = fp8_mm_t(g.t(), x.t(), emulate)
     return _fresh(dx, k, x.dtype), _fresh(dw, k, w.dtype)

@@ -204,7 +204,7 @@ def _to_e4m3_bits(x):
 @triton.jit
 def _quantize_tiles_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stride_qr, stride_sr, stride_sk,
                            BLOCK_R: tl.constexpr):
-    """Rows r < R_out (the grid) of x (R x C data, any strides; zeros past R and C) in 1x128 tiles."""
+    """Rows r < R_out (the grid) of x (R x C data, unit-stride rows; zeros past R and C) in 1x128 tiles."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     kt = tl.program_id(1)
     cols = (kt * 128 + tl.arange(0, 128)).to(tl.int64)
@@ -256,7 +256,7 @@ def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, str
 
 @triton.jit
 def _rows_amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, stride_xc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Largest magnitude of each row of x [R, C] (any strides) into amax (zeros before): one program
+    """Largest magnitude of each row of x [R, C] (unit-stride rows) into amax (zeros before): one program
     per block of rows and chunk of columns, so that long rows (a transposed activation) still fill the
     GPU."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
