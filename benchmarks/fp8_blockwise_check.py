@@ -10,7 +10,7 @@ and a few seeds, with that test's inputs (x = randn * rand(rows) * 10, an nn.Lin
   against the float32 product of the dequantized operands, on the same quantized tensors, with the
   Triton and then the torch quantizers' output;
 * gradients: the backward's quantizer reads (`quantize_128x128(w.t())`, `quantize_1x128_dual(g)`,
-  `quantize_1x128_t(x)`: transposed views read in place) against the torch quantizers' bits, then
+  `quantize_1x128_t(x)`, which quantizes a contiguous copy of x.T) against the torch quantizers' bits, then
   y, dx and dw of `fp8_linear` against its emulation (and, in brackets, against float64) with
   LIT_DEEPSEEK_FP8_QUANT = triton and torch;
 * structured scales: every e4m3 value 1.0 and each scale a distinct power of two per tile / block,

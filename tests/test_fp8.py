@@ -912,7 +912,7 @@ cases = [("quantize_1x128", spread(70, 200).bfloat16()), ("quantize_1x128", spre
          ("quantize_rows", spread(4096, 512).t()), ("quantize_rows", spread(4096, 128).bfloat16()),
          ("quantize_1x128_dual", spread(300, 200).bfloat16()), ("quantize_1x128_dual", spread(128, 256)),
          # the blockwise backward's transposed reads: a weight gradient's 4096 tokens along the tile
-         # (x.t() read in place) and the 128x128 blocks of w.t()
+         # (x.t(), quantized from a contiguous copy) and the 128x128 blocks of w.t()
          ("quantize_1x128_t", spread(4096, 256)), ("quantize_128x128", (spread(300, 200) * 0.02).t()),
          # strides that are multiples of 16 (the shapes whose strided read went wrong on an H200)
          ("quantize_128x128", (spread(512, 1024) * 0.02).t()), ("quantize_128x128", spread(3, 256, 640).transpose(1, 2)),
