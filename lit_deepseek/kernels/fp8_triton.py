@@ -204,7 +204,7 @@ def _to_e4m3_bits(x):
 @triton.jit
 def _quantize_tiles_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stride_qr, stride_sr, stride_sk,
                            BLOCK_R: tl.constexpr):
-    """Rows r < R_out (the grid) of x (R x C data, unit-stride rows; zeros past R and C) in 1x128 tiles."""
+    """Rows r < R_out (the grid) of x (R x C data, unit-stride rows: see `_tiles`; zeros past R and C) in 1x128 tiles."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     kt = tl.program_id(1)
     cols = (kt * 128 + tl.arange(0, 128)).to(tl.int64)
@@ -302,14 +302,20 @@ _ROWS = 32
 #: (tokens along the row) by the amax + quantize pair, whose column chunks fill the GPU when there are
 #: few rows. Both read unit-stride rows only (`quantize_rows` copies a transposed operand first): on
 #: an H100 (Triton 3.6) the single-read kernel's output differed from the torch quantizer's for
-#: several tile shapes when it read a transposed operand in place, as `quantize_1x128_t`'s tiles did
+#: several tile shapes when it read a transposed operand in place, as `_tiles` did
 _WHOLE_ROW_MAX = 4096
 _WHOLE_ROW_ELEMENTS = 4096  # elements a program holds (BLOCK_R x BLOCK_C): <= 94 registers at 8 warps (sm_90)
 
 
 def _tiles(x: Tensor, rows_out: int) -> tuple[Tensor, Tensor]:
-    """x [R, C] (unit-stride rows: see `quantize_1x128_t`) -> (e4m3 [rows_out, Cp], float32
-    [rows_out, Cp/128]); rows >= R are zero."""
+    """x [R, C] -> (e4m3 [rows_out, Cp], float32 [rows_out, Cp/128]); rows >= R are zero. torch
+    copies x to unit-stride rows first when they are not (a transposed operand, one copy): read in
+    place, such an x.T gave wrong e4m3 bits for every bf16 x tried on an H100 (Triton 3.6; 227 to
+    4096 tokens, 256 to 2048 channels, a quarter of the values; float32 was right), which made the
+    FP8 weight gradients wrong on the GPU. `quantize_1x128_dual` writes the same tiles of x.T from x
+    read in its own order, and gave the torch quantizer's bits at all those shapes."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     r, c = x.shape
     kt = -(-c // BLOCK)
     rows_alloc = -(-rows_out // _ROWS) * _ROWS  # whole programs; the extra rows are dropped below
@@ -331,15 +337,10 @@ def quantize_1x128(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def quantize_1x128_t(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`lit_deepseek.kernels.fp8.quantize_1x128_t`: x [T, N] -> the 1x128 tiles of x.T with N padded
-    to a multiple of 128: (e4m3 [Np, Tp], [Np, Tp/128]). torch makes x.T contiguous first (one copy),
-    so that the kernel reads unit-stride rows: reading x.T in place, the kernel gave wrong e4m3 bits
-    for every bf16 x tried on an H100 (Triton 3.6; T 227 to 4096, N 256 to 2048, a quarter of the
-    values), which made the FP8 weight gradients of the dense layers and of the routed experts wrong
-    on the GPU; float32 x was right. `quantize_1x128_dual` writes the same tiles from x read in its
-    own order, and gave the torch quantizer's bits at all those shapes."""
-    xt = x.t()
-    return _tiles(xt if xt.stride(-1) == 1 else xt.contiguous(), -(-x.shape[1] // BLOCK) * BLOCK)
+    """`lit_deepseek.kernels.fp8.quantize_1x128_t` in one kernel: x [T, N] -> the 1x128 tiles of x.T
+    with N padded to a multiple of 128: (e4m3 [Np, Tp], [Np, Tp/128]); x.T copied to unit-stride
+    rows first (see `_tiles`)."""
+    return _tiles(x.t(), -(-x.shape[1] // BLOCK) * BLOCK)
 
 
 def quantize_1x128_dual(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -386,7 +387,7 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     else two (row maxima, then the quantization): x [..., K] -> (e4m3 [..., K], [..., 1])."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:  # a transposed operand (the row-wise weight gradient's g.t(), x.t()): unit-stride
-        x2 = x2.contiguous()  # rows first, for the reason `quantize_1x128_t` gives
+        x2 = x2.contiguous()  # rows first, for the reason `_tiles` gives
     r, c = x2.shape
     q = torch.empty(r, c, device=x.device, dtype=torch.uint8)
     s = torch.empty(r, device=x.device, dtype=torch.float32)
