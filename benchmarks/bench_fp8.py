@@ -33,6 +33,7 @@ run starts after --budget-s.
     python benchmarks/bench_fp8.py --phases convergence --steps 1000 --concurrent --replicates 2 --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases speed --speed-configs small --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases speed --speed-configs large --out $OUT/fp8
+    python benchmarks/bench_fp8.py --phases speed --speed-configs large --large-micro 1 --out $OUT/fp8  # 80 GB card
     python benchmarks/bench_fp8.py --phases convergence --steps 4 --device cpu --concurrent --out /tmp/bench_fp8  # smoke
     python benchmarks/bench_fp8.py --phases convergence --steps 3 --device cpu --corpus local --corpus-mb 2 \
         --out /tmp/bench_fp8  # smoke of the local corpus
@@ -60,7 +61,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_fit  # noqa: E402  (the product-run command and MLflow reader shared with bench_fit)
 
 bench_fit.CONFIGS["fp8conv"] = [ROOT / "configs" / "cpu_demo.yaml", ROOT / "benchmarks" / "fp8_conv.yaml"]
-#: speed configs: name -> (bench_fit config, sequences of 4096 tokens per step)
+#: speed configs: name -> (bench_fit config, sequences of 4096 tokens per step); --large-micro splits the large
+#: config's 4 sequences into micro-batches (1 on an 80 GB card: its float32 weights and AdamW states take ~65 GiB)
 SPEED = {"small": ("small", 8), "large": ("large", 4)}
 #: CPU smoke of the convergence phase: the demo model itself (config "demo" runs on the CPU)
 SMOKE = ["--model.num_layers", "2"]
@@ -267,6 +269,7 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
                 verdict = "met" if gap <= 0.005 and gap <= noise + 0.0025 else "not met"
                 lines.append(f"{name}: |gap| {100 * gap:.3f}% (targets: <= 0.5%, <= noise + 0.25% = "
                              f"{100 * (noise + 0.0025):.3f}%): {verdict}.")
+    lines += window_table(results, runs[0][0], common)
     done = {name: r for name, r in results.items() if len(r["loss"]) >= args.steps}
     first_a = runs[0][0]  # BF16 seed A (its first replicate)
     if common < args.steps and first_a in done:  # the runs that reached the asked steps, there
@@ -280,6 +283,22 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
     if png and args.device == "gpu":  # a CPU smoke leaves the committed curves alone
         (ROOT / "benchmarks" / "fp8_convergence.png").write_bytes(png.read_bytes())
     log_to_runs(results, "\n".join(lines), png)
+    return lines
+
+
+def window_table(results: dict[str, dict[str, Any]], ref: str, common: int, width: int = 100) -> list[str]:
+    """Each run's mean loss per `width`-step window over the common steps, as a gap to `ref`: how far two BF16
+    seeds swing apart along the way says what a single final-loss gap can resolve."""
+    if ref not in results or common < 2 * width:
+        return []
+    names = list(results)
+    lines = ["", f"Per {width}-step window, mean loss vs {ref}:", "",
+             "| steps | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
+    for start in range(0, common - width + 1, width):
+        means = {n: sum(results[n]["loss"][start:start + width]) / width for n in names}
+        cells = [f"{means[ref]:.4f}" if n == ref else f"{100 * (means[n] - means[ref]) / means[ref]:+.2f}%"
+                 for n in names]
+        lines.append(f"| {start + 1}-{start + width} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -340,10 +359,11 @@ def speed(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> l
     rows = []
     for config in args.speed_configs.split(","):
         base = None
-        name, micro = SPEED[config]
+        name, per_step = SPEED[config]
+        micro = args.large_micro if config == "large" else per_step
         for variant in args.recipes.split(","):
             fp8, recipe, wgrad, experts = VARIANTS[variant.removesuffix("-nograph")]  # -nograph: no CUDA graphs
-            row = bench_fit.Row(name, 4096, micro=micro, global_batch=micro, fp8=fp8, fp8_recipe=recipe,
+            row = bench_fit.Row(name, 4096, micro=micro, global_batch=per_step, fp8=fp8, fp8_recipe=recipe,
                                 expert_wgrad=wgrad, fp8_experts=experts,
                                 graphs=not variant.endswith("-nograph"))
             left = deadline - time.time()
@@ -390,6 +410,9 @@ def main() -> None:
     ap.add_argument("--speed-configs", default="small,large", help="comma list of: small, large")
     ap.add_argument("--recipes", default="bf16,fp8-blockwise,fp8-rowwise",
                     help=f"speed variants, of: {', '.join(VARIANTS)} (each also as NAME-nograph: without CUDA graphs)")
+    ap.add_argument("--large-micro", type=int, default=4, choices=[1, 2, 4],
+                    help="speed: micro-batch of the large config (4 x 4096 tokens per step either way); 4 needs "
+                         "~98 GiB by `lit-deepseek summary`, so on an 80 GB card use 1")
     ap.add_argument("--speed-steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4, help="speed: steps before timing starts")
     ap.add_argument("--run-limit-s", type=float, default=200, help="hard limit of one speed run")
