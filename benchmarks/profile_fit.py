@@ -3,8 +3,9 @@
 Runs one row of `bench_fit.py` (the same `lit-deepseek fit` command) under Lightning's
 `PyTorchProfiler`, then groups the report's kernels into families (expert GEMMs, FP8 quantizers,
 attention, optimizer, ...) and prints milliseconds per profiled step and the share of all kernel
-time. CUDA graphs are off for the profile (the kernels are the same; graph replays hide them from
-the report).
+time, then the GEMMs' share and the most that twice-as-fast GEMMs (FP8) could speed the step's
+kernels up. CUDA graphs are off for the profile (the kernels are the same; graph replays hide them
+from the report).
 
     python benchmarks/profile_fit.py --row small-s4096-m8x1-bf16-mixed-compile-fp8 --out $OUT
     python benchmarks/profile_fit.py --row small-s4096-m8x1-bf16-mixed-compile-fp8rowwise
@@ -79,15 +80,20 @@ def group(text: str, steps: int = PROFILED_STEPS) -> str:
     total, rows = parse_report(text)
     lines = [f"kernel time per profiled step: {total / steps:.1f} ms", "",
              "| family | ms / step | share | launches / step |", "| --- | --- | --- | --- |"]
-    listed = 0.0
+    listed = gemm = 0.0
     for family, pattern in FAMILIES:
         hits = [r for r in rows if re.search(pattern, r[0])]
         rows = [r for r in rows if not re.search(pattern, r[0])]
         ms = sum(r[1] for r in hits)
         listed += ms
+        gemm += ms if "GEMM" in family else 0.0
         lines.append(f"| {family} | {ms / steps:.1f} | {100 * ms / total:.1f}% | {sum(r[2] for r in hits) // steps} |")
     lines.append(f"| other kernels and entries past the row limit | {(total - listed) / steps:.1f} | "
                  f"{100 * (total - listed) / total:.1f}% | |")
+    # Amdahl's bound for a faster matrix product (FP8): only the GEMM families shrink
+    share = gemm / total
+    lines += ["", f"GEMMs: {gemm / steps:.1f} ms / step, {100 * share:.1f}% of kernel time. Were every GEMM twice as "
+              f"fast at no other cost, a step's kernels would run at most {1 / (1 - share / 2):.2f}x faster."]
     return "\n".join(lines)
 
 
