@@ -62,7 +62,7 @@ import bench_fit  # noqa: E402  (the product-run command and MLflow reader share
 
 bench_fit.CONFIGS["fp8conv"] = [ROOT / "configs" / "cpu_demo.yaml", ROOT / "benchmarks" / "fp8_conv.yaml"]
 #: speed configs: name -> (bench_fit config, sequences of 4096 tokens per step); --large-micro splits the large
-#: config's 4 sequences into micro-batches (1 on an 80 GB card: its float32 weights and AdamW states take ~65 GiB)
+#: config's 4 sequences into micro-batches (1 on an 80 GB card: its weights, gradients and AdamW states take ~58 GiB)
 SPEED = {"small": ("small", 8), "large": ("large", 4)}
 #: CPU smoke of the convergence phase: the demo model itself (config "demo" runs on the CPU)
 SMOKE = ["--model.num_layers", "2"]
@@ -269,9 +269,9 @@ def convergence(args: argparse.Namespace, out: Path, work: Path, deadline: float
                 verdict = "met" if gap <= 0.005 and gap <= noise + 0.0025 else "not met"
                 lines.append(f"{name}: |gap| {100 * gap:.3f}% (targets: <= 0.5%, <= noise + 0.25% = "
                              f"{100 * (noise + 0.0025):.3f}%): {verdict}.")
-    lines += window_table(results, runs[0][0], common)
-    done = {name: r for name, r in results.items() if len(r["loss"]) >= args.steps}
     first_a = runs[0][0]  # BF16 seed A (its first replicate)
+    lines += window_table(results, first_a, common)
+    done = {name: r for name, r in results.items() if len(r["loss"]) >= args.steps}
     if common < args.steps and first_a in done:  # the runs that reached the asked steps, there
         at = {name: final_loss(r["loss"][:args.steps], min(100, args.steps)) for name, r in done.items()}
         lines += ["", f"At step {args.steps} (runs that reached it; mean of its last {min(100, args.steps)} steps):", "",

@@ -223,8 +223,9 @@ class TrainingConfig:
     rowwise = one scale per row of each operand (compute capability >= 8.9)."""
     fp8_expert_wgrad: Literal["bf16", "fp8"] = "bf16"
     """Routed experts' weight-gradient products under the blockwise recipe: bf16 = torch's grouped GEMM on the
-    unquantized input and output gradient (as the row-wise recipe always does; faster, see the README); fp8 = DeepSeek-V3's 1x128 tiles along the tokens for both operands (a Triton
-    kernel; warns on CUDA, see the README). Forward and input-gradient products stay FP8 either way."""
+    unquantized input and output gradient (as the row-wise recipe always does; faster, see the README);
+    fp8 = DeepSeek-V3's 1x128 tiles along the tokens for both operands (a Triton kernel; warns on CUDA, see the
+    README). Forward and input-gradient products stay FP8 either way."""
     fp8_exclude: list[str] = field(default_factory=lambda: ["embed", "head", "gate"])
     """Modules kept in BF16 under use_fp8 (names or glob patterns; default embedding, output head, MoE router)."""
     precision: Literal["bf16-mixed", "32-true", "bf16-true", "16-mixed"] = "bf16-mixed"
