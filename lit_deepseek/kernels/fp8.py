@@ -2,7 +2,8 @@
 
 Two recipes (`training.fp8_recipe`); both quantize to float8 e4m3 with power-of-two float32 scales
 (exact to apply) and accumulate in float32. Master weights, gradients and optimizer states keep
-their dtype; only the operands of the matrix products are quantized, freshly at every call.
+their dtype; only the operands of the matrix products are quantized, freshly at every call (but
+see "Weight reuse across micro-batches" below for the blockwise weights).
 
 **blockwise** (default; DeepSeek-V3's recipe): activations and gradients in 1x128 tiles (one scale
 per row and 128 channels of the contraction dimension), weights in 128x128 blocks. Per product
@@ -14,8 +15,8 @@ of `y = x @ w.T` (x [tokens, K], w [N, K]):
 | input gradient `dx = dy @ w` | dy: 1x128 along N (per token)      | w: the same 128x128 blocks, transposed |
 | weight gradient `dw = dy.T @ x` | dy.T: 1x128 along the tokens (per output channel) | x.T: 1x128 along the tokens (per input channel) |
 
-The weight is quantized once per step of a layer and reused, transposed, for the input gradient
-(a 128x128 block stays a block under transposition). Dimensions that are not multiples of 128 are
+The input gradient takes the blocks of w.T, which are those of w transposed, with the same
+scales (a 128x128 block stays a block under transposition). Dimensions that are not multiples of 128 are
 zero-padded (zeros add nothing to a product). Dense layers run cuBLAS block scaling (Hopper)
 through `torch.nn.functional.scaled_mm`; the routed experts run the Triton grouped kernels of
 `lit_deepseek.kernels.fp8_triton` (torch has no block-scaled grouped GEMM), or, without Triton or
@@ -38,14 +39,46 @@ the plain layer.
 
 Use: `convert_to_fp8(model, recipe=..., exclude=...)` before `torch.compile`. Each product is a
 custom op pair (forward, backward) that the compiler keeps opaque: see `fp8_linear`.
+
+**Weight reuse across micro-batches** (blockwise recipe). With gradient accumulation the weights
+do not change between the micro-batches of an optimizer step, so the blockwise ops take every
+weight's 128x128 blocks through `weight_blocks` (the gate/up products: both weights' blocks side by
+side), which follows the phase set by `fp8_weight_reuse(phase)`:
+
+* "off" (the default): quantize at every call, keep nothing;
+* "fill": quantize and keep the blocks and scales, one entry per weight (or gate/up pair) and
+  orientation (the forward's blocks of w, the input gradient's blocks of w transposed);
+* "reuse": return the kept blocks when they are valid, else quantize and keep.
+
+`lit_deepseek.training.step.LocalPlan` runs the first micro-batch of a step of several (forward and
+backward) in "fill" and the others in "reuse"; a step of one micro-batch stays "off". An entry is
+valid for the very tensor objects it was filled from (a weak reference compared with `is`, never an
+id or address, which are reused) at the shape, dtype, device and version counter (`w._version`)
+recorded at the fill. The version is a second guard, not the main one: fused AdamW updates the
+parameters without bumping it, which is why "fill" always quantizes anew; within a step nothing
+writes the weights. A weight that arrives as a per-call temporary (a DTensor's local shard under
+tensor parallelism, any view) never hits: correct, no gain. An eager plain `nn.Parameter` reaches the
+custom ops as the same Python object, forward and backward, and so does a compiled one (aot_eager and
+inductor on CPU). The phase is module state read inside the ops at every call: they are opaque to
+torch.compile, so their Python runs each time. While entries are kept they hold about 2 bytes per
+blockwise FP8 weight parameter (1 byte each for the blocks of w and of w transposed) plus one float32
+scale per 128x128 block; an entry lives as long as its weight (`clear_fp8_weight_cache` drops all).
+Kept blocks are written in place at the next fill, never replaced, so that CUDA graphs (the first
+micro-batch's graph, captured in "fill", writes them at each replay; the later micro-batches' graph
+reads them) stay valid. `lit_deepseek.parallel.plan.DistributedPlan` keeps the phase "off" (FSDP2
+frees and refills the unsharded parameters' storage around each forward and backward, which this
+key was not checked against, and pipeline schedules interleave micro-batches). LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0 keeps every phase "off"
+(the reference path); the result is bit-identical either way. The row-wise recipe quantizes at every call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -193,6 +226,145 @@ def dequantize_128x128(q: Tensor, s: Tensor) -> Tensor:
 
 _q_rows, _q_1x128, _q_1x128_t, _q_1x128_dual, _q_128x128 = (
     _quantizer(n) for n in ("quantize_rows", "quantize_1x128", "quantize_1x128_t", "quantize_1x128_dual", "quantize_128x128"))
+
+
+# ---------------------------------------------------------------------------------- weight reuse
+# See "Weight reuse across micro-batches" in the module docstring.
+WEIGHT_CACHE_PHASES = ("off", "fill", "reuse")
+_weight_phase = "off"  # read by the FP8 ops at every call (they are opaque to torch.compile)
+
+
+class _WeightBlocks:
+    """The 128x128 blocks (and scales) of one weight, or of gate and up side by side, in one
+    orientation; valid for the very tensor objects it was filled from, at their recorded shape,
+    dtype, device and version."""
+
+    __slots__ = ("refs", "metas", "q", "s", "captured")
+
+    def __init__(self, key: tuple, weights: tuple[Tensor, ...], q: Tensor, s: Tensor, captured: bool) -> None:
+        self.refs = tuple(weakref.ref(w, lambda _ref, k=key: _forget(k, _ref)) for w in weights)
+        self.metas = tuple(_weight_meta(w) for w in weights)
+        self.q, self.s, self.captured = q, s, captured
+
+    def matches(self, weights: tuple[Tensor, ...]) -> bool:
+        return (len(weights) == len(self.refs)
+                and all(r() is w for r, w in zip(self.refs, weights, strict=True))
+                and all(_weight_meta(w) == m for w, m in zip(weights, self.metas, strict=True)))
+
+
+_kept: dict[tuple, _WeightBlocks] = {}
+_weight_cache_counts = {"hits": 0, "misses": 0}
+
+
+def _weight_key(weights: tuple[Tensor, ...], transposed: bool = False) -> tuple:
+    # ids only find a candidate: `_WeightBlocks.matches` checks the objects themselves
+    return (transposed, *(id(w) for w in weights))
+
+
+def _weight_meta(w: Tensor) -> tuple:
+    return (tuple(w.shape), w.dtype, w.device, w._version)
+
+
+def _forget(key: tuple, ref: weakref.ref) -> None:
+    """A kept weight was freed: drop the entry it was kept under (unless another took its place)."""
+    entry = _kept.get(key)
+    if entry is not None and any(r is ref for r in entry.refs):
+        del _kept[key]
+
+
+def _weight_cache_enabled() -> bool:
+    """LIT_DEEPSEEK_FP8_WEIGHT_CACHE = 1 (the default: micro-batches 2..n of a step reuse the first's
+    weight blocks) or 0 (every call quantizes: the reference path)."""
+    value = os.environ.get("LIT_DEEPSEEK_FP8_WEIGHT_CACHE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"LIT_DEEPSEEK_FP8_WEIGHT_CACHE={value!r}: must be 0 or 1")
+    return value == "1"
+
+
+@contextlib.contextmanager
+def fp8_weight_reuse(phase: str) -> Iterator[None]:
+    """Run the FP8 products inside in weight-reuse `phase`: "off" (quantize every weight at every
+    call), "fill" (quantize and keep) or "reuse" (take the kept blocks where they are valid);
+    LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0 makes every phase "off". See the module docstring."""
+    global _weight_phase
+    if phase not in WEIGHT_CACHE_PHASES:
+        raise ValueError(f"fp8_weight_reuse: phase must be one of {', '.join(WEIGHT_CACHE_PHASES)}, got {phase!r}")
+    previous, _weight_phase = _weight_phase, phase if _weight_cache_enabled() else "off"
+    try:
+        yield
+    finally:
+        _weight_phase = previous
+
+
+def clear_fp8_weight_cache() -> None:
+    """Drop every kept weight block. Never while CUDA graphs that read or write them may replay."""
+    _kept.clear()
+    _weight_cache_counts.update(hits=0, misses=0)
+
+
+def fp8_weight_cache_info() -> dict[str, int]:
+    """Kept entries, their bytes, and the lookups that found valid blocks (hits) or quantized (misses)
+    since the last `clear_fp8_weight_cache`."""
+    nbytes = sum(e.q.numel() * e.q.element_size() + e.s.numel() * e.s.element_size() for e in _kept.values())
+    return {"entries": len(_kept), "bytes": nbytes, **_weight_cache_counts}
+
+
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _kept_blocks(weights: tuple[Tensor, ...], transposed: bool, quantize: Any) -> tuple[Tensor, Tensor]:
+    """quantize() -> (blocks, scales) of `weights` in one orientation, through the kept entries as the
+    current phase says."""
+    phase = _weight_phase
+    if phase == "off" or any(w.is_inference() or is_dtensor(w) for w in weights):
+        return quantize()
+    key = _weight_key(weights, transposed)
+    entry = _kept.get(key)
+    capturing = _capturing(weights[0])
+    valid = entry is not None and entry.matches(weights)
+    # Blocks written while a CUDA graph was captured hold data only once that graph has replayed:
+    # a graph captured later reads them (the graph of a later micro-batch, after the first one's
+    # replay), an eager call does not.
+    if phase == "reuse" and valid and (capturing or not entry.captured):
+        _weight_cache_counts["hits"] += 1
+        return entry.q, entry.s
+    _weight_cache_counts["misses"] += 1
+    q, s = quantize()
+    # An existing entry of the same weights is written in place, never replaced: a CUDA graph
+    # captured in "fill" (the first micro-batch of a step) writes these very tensors at each replay
+    # and the later micro-batches' graph reads them, so they must stay allocated, at the same
+    # addresses, for as long as the graphs can replay. A new entry (a weight seen for the first
+    # time, or a shape change) keeps the fresh tensors; an entry goes only when its weight is freed.
+    same = (entry is not None and len(entry.refs) == len(weights)
+            and all(r() is w for r, w in zip(entry.refs, weights, strict=True)))
+    if same and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                    for a, b in ((entry.q, q), (entry.s, s))):
+        entry.q.copy_(q)
+        entry.s.copy_(s)
+        entry.metas = tuple(_weight_meta(w) for w in weights)
+        entry.captured = capturing
+        return entry.q, entry.s
+    _kept[key] = _WeightBlocks(key, weights, q, s, capturing)
+    return q, s
+
+
+def weight_blocks(w: Tensor, transposed: bool = False) -> tuple[Tensor, Tensor]:
+    """`quantize_128x128` of the weight w [..., N, K] (transposed: of w.transpose(-2, -1)), through
+    the weight reuse (`fp8_weight_reuse`): the blocks every blockwise product takes of a weight."""
+    return _kept_blocks((w,), transposed, lambda: _q_128x128(w.transpose(-2, -1) if transposed else w))
+
+
+def _gate_up_blocks(w1: Tensor, w3: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
+    """The blocks of w1 and w3 side by side (along N forward; along the transposed N, the last
+    dimension, when transposed), each weight quantized on its own, through the weight reuse."""
+    dim = -1 if transposed else -2
+
+    def quantize() -> tuple[Tensor, Tensor]:
+        (q1, s1), (q3, s3) = (_q_128x128(w.transpose(-2, -1) if transposed else w) for w in (w1, w3))
+        return _cat_e4m3((q1, q3), dim), torch.cat((s1, s3), dim)
+
+    return _kept_blocks((w1, w3), transposed, quantize)
 
 
 def _aligned(*dims: int) -> bool:
@@ -515,7 +687,7 @@ def _fresh(t: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
 def _fp8_linear_op(x: Tensor, w: Tensor, recipe: str, emulate: bool, out_dtype: torch.dtype) -> Tensor:
     """x [M, K] @ w [N, K].T -> [M, N] in out_dtype, the product in FP8 by `recipe`."""
     if recipe == "blockwise":
-        wq, sw = _q_128x128(w)
+        wq, sw = weight_blocks(w)
         xq, sx = _q_1x128(x)
         return _fresh(blockwise_mm_t(xq, sx, wq, sw, True, emulate), w.shape[0], out_dtype)
     return _fresh(fp8_mm_t(x, w, emulate, out_dtype), w.shape[0], out_dtype)
@@ -533,7 +705,7 @@ def _fp8_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, recipe: str, emulat
     if recipe == "blockwise":
         # the forward's blocks again, in the transposed layout: the 128x128 blocks of w.T are those
         # of w, transposed, with the same scales (the quantizer reads w in its memory order)
-        wq_t, sw_t = _q_128x128(w.t())
+        wq_t, sw_t = weight_blocks(w, transposed=True)
         gq, sg, gq_t, sg_t = _q_1x128_dual(g)  # g read once, tiled for both products
         dx = blockwise_mm_t(gq, sg, wq_t, sw_t, True, emulate)
         dw = blockwise_wgrad(gq_t, sg_t, x, emulate)[:n]
@@ -576,7 +748,7 @@ def _fp8_grouped_linear_op(x: Tensor, w: Tensor, offsets: Tensor, recipe: str, e
                            bf16_wgrad: bool) -> Tensor:
     """Rows of x [M, K] sorted by group, group e times w[e].T (w [E, N, K]) -> bf16 [M, N] in FP8."""
     if recipe == "blockwise":
-        wq, sw = _q_128x128(w)
+        wq, sw = weight_blocks(w)
         xq, sx = _q_1x128(x)
         return _fresh(blockwise_grouped_mm_t(xq, sx, wq, sw, offsets, emulate), w.shape[1], torch.bfloat16)
     return _fresh(fp8_grouped_mm_t(x, w, offsets, emulate), w.shape[1], torch.bfloat16)
@@ -595,7 +767,7 @@ def _fp8_grouped_linear_backward_op(g: Tensor, x: Tensor, w: Tensor, offsets: Te
     (e, n, k), g = w.shape, g.contiguous()
     bf16_wgrad = bf16_wgrad or recipe != "blockwise"
     if recipe == "blockwise":
-        wt, swt = _q_128x128(w.transpose(-2, -1))  # as the dense backward: blocks of w[e].T directly
+        wt, swt = weight_blocks(w, transposed=True)  # as the dense backward: blocks of w[e].T directly
         if bf16_wgrad:
             dx = blockwise_grouped_mm_t(*_q_1x128(g), wt, swt, offsets, emulate)
         else:
@@ -647,8 +819,7 @@ def _cat_e4m3(parts: Sequence[Tensor], dim: int) -> Tensor:
 # cuBLAS) and the routed experts (w [E, N, K], the grouped kernels) alike.
 def _gate_up_forward(x: Tensor, w1: Tensor, w3: Tensor, product: Any) -> Tensor:
     """[M, 2N]: x @ w1.T in the first N columns, x @ w3.T in the last N; product(xq, sx, wq, sw)."""
-    (q1, s1), (q3, s3) = _q_128x128(w1), _q_128x128(w3)
-    return product(*_q_1x128(x), _cat_e4m3((q1, q3), -2), torch.cat((s1, s3), -2))
+    return product(*_q_1x128(x), *_gate_up_blocks(w1, w3, transposed=False))
 
 
 def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any, wgrad: Any,
@@ -657,10 +828,9 @@ def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any
     both weights (2N), one weight-gradient product wgrad(gq, sg, xq, sx) per weight; or, given
     bf16_wgrad(g, x) -> [..., 2N, K], one unquantized product for both weights' gradients."""
     n, k = w1.shape[-2:]
-    (t1, st1), (t3, st3) = _q_128x128(w1.transpose(-2, -1)), _q_128x128(w3.transpose(-2, -1))
     g = g.contiguous()
     gq, sg, *tiled_t = _q_1x128_dual(g) if bf16_wgrad is None else _q_1x128(g)
-    dx = product(gq, sg, _cat_e4m3((t1, t3), -1), torch.cat((st1, st3), -1))
+    dx = product(gq, sg, *_gate_up_blocks(w1, w3, transposed=True))
     if bf16_wgrad is None:
         (gq_t, sg_t), (xq_t, sx_t) = tiled_t, _q_1x128_t(x)
         dw1, dw3 = (wgrad(gq_t[rows], sg_t[rows], xq_t, sx_t) for rows in (slice(0, n), slice(n, 2 * n)))

@@ -7,6 +7,10 @@ the global batch is reported, and how the gradient norm counts every element onc
 Exactness: every rank scales its micro-batch losses by 1 / (micro-batches in the global batch)
 and all gradient reductions are sums, so the summed gradients equal those of the single-process
 run that accumulates the whole global batch.
+
+FP8 weight reuse (`lit_deepseek.kernels.fp8.fp8_weight_reuse`, on in `LocalPlan`) stays off here:
+every micro-batch quantizes its weights, since FSDP2 frees and refills the unsharded parameters
+around each pass and pipeline schedules interleave the micro-batches' passes.
 """
 
 from __future__ import annotations

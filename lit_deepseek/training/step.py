@@ -110,7 +110,9 @@ class LocalPlan:
     (`lit_deepseek.training.cuda_graphs`); otherwise, and on CPU, the steps run eagerly. With
     ``weight_copy`` (``training.bf16_weight_copy``, on by default) and a step of several
     micro-batches under bf16 autocast, the matmul weights are cast to bf16 once per step
-    (`lit_deepseek.training.weight_copy`) instead of once per micro-batch.
+    (`lit_deepseek.training.weight_copy`) instead of once per micro-batch. Likewise, blockwise FP8
+    layers quantize their weights in the first micro-batch of such a step and reuse the blocks in
+    the others (`lit_deepseek.kernels.fp8.fp8_weight_reuse`).
     """
 
     data_parallel_rank: int = 0
@@ -168,10 +170,23 @@ class LocalPlan:
         set_aux_loss_grad_scale([model], 1.0 / n)
         backward = backward or (lambda loss: loss.backward())
 
+        from lit_deepseek.kernels.fp8 import fp8_weight_reuse
+
+        position = 0  # of the next micro_step call within this step
+
         def micro_step(mb: dict) -> LossParts:
-            h, mtp = model(mb["input_ids"], doc_ids=mb.get("doc_ids"), return_hidden=True)
-            parts = loss_fn(model, h, mtp, mb["labels"])
-            backward(parts.total / n)
+            # FP8 weight reuse (lit_deepseek.kernels.fp8): the first micro-batch of a step of several
+            # quantizes the blockwise weights and keeps the blocks, the later ones reuse them. The phase
+            # follows the call's position, so under CUDA graphs the first micro-batch's graph is
+            # captured in "fill" (its replays rewrite the kept blocks in place) and the later ones' in
+            # "reuse" (their replays read them).
+            nonlocal position
+            phase = "off" if n == 1 else "fill" if position == 0 else "reuse"
+            position += 1
+            with fp8_weight_reuse(phase):
+                h, mtp = model(mb["input_ids"], doc_ids=mb.get("doc_ids"), return_hidden=True)
+                parts = loss_fn(model, h, mtp, mb["labels"])
+                backward(parts.total / n)
             return parts.detach()
 
         graphs = self.graphs(model)  # made before the copies are swapped in: it holds the masters
