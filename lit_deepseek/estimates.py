@@ -126,7 +126,8 @@ def flops_per_token(cfg: DeepSeekConfig, seq_length: Optional[int] = None) -> fl
 
 
 def memory_estimate(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> dict[str, float]:
-    """Per-GPU memory in GiB: weights, gradients, optimizer states, activations, total."""
+    """Per-GPU memory in GiB: weights (with the kept FP8 weight blocks, `fp8_weight_cache_bytes`),
+    gradients, optimizer states, activations, total."""
     from lit_deepseek.parallel.layout import layout_degrees
 
     m, p, t = cfg.model, cfg.parallel, cfg.training
@@ -145,13 +146,34 @@ def memory_estimate(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> di
         sharded = p.zero_stage >= min_stage
         return dense_local / (dense_dp if sharded else 1) + expert_local / (expert_dp if sharded else 1)
 
-    weights = per_gpu(3) * master_bytes
+    weights = per_gpu(3) * master_bytes + fp8_weight_cache_bytes(cfg, world_size)
     grads = per_gpu(2) * master_bytes
     optimizer = per_gpu(1) * 2 * master_bytes
     activations = activation_bytes(cfg) / tp
     total = weights + grads + optimizer + activations
     return {k: v / _GIB for k, v in dict(weights=weights, gradients=grads, optimizer=optimizer,
                                          activations=activations, total=total).items()}
+
+
+def fp8_weight_cache_bytes(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> float:
+    """Bytes of the FP8 weight blocks kept across the micro-batches of a step (counted with the
+    weights): one process training with the blockwise FP8 recipe and more than one micro-batch per
+    step keeps, per FP8 weight parameter, 1 byte of the blocks of w and 1 of w transposed (the float32
+    scales, one per 128x128 block, are negligible); `lit_deepseek.kernels.fp8`, "Weight reuse". FP8
+    weights are those of the default training.fp8_exclude: all but the embedding, head and router.
+    The distributed plan keeps none."""
+    from lit_deepseek.parallel.layout import accumulation_steps, layout_degrees
+
+    t = cfg.training
+    tp, pp, ep, dp = layout_degrees(cfg.parallel, world_size)
+    if not (t.use_fp8 and t.fp8_recipe == "blockwise") or tp * pp * ep * dp > 1:
+        return 0.0
+    if accumulation_steps(t.global_batch_size, t.micro_batch_size, 1) < 2:
+        return 0.0
+    b = param_breakdown(cfg.model)
+    _, mtp, eh_proj = _counts(cfg.model)
+    fp8_components = ("attention", "dense_ffn", "shared_experts", "routed_experts")
+    return 2.0 * (sum(b[c] + mtp[c] for c in fp8_components) + eh_proj)
 
 
 def activation_bytes(cfg: DeepSeekConfig) -> float:

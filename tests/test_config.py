@@ -91,6 +91,28 @@ def test_memory_estimate_shrinks_with_zero_and_parallelism() -> None:
         assert mem["total"] == pytest.approx(mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"])
 
 
+def test_memory_estimate_counts_the_kept_fp8_weight_blocks() -> None:
+    """One process, blockwise FP8, several micro-batches per step: the weights grow by about 2 bytes per
+    FP8 weight parameter (the blocks of w and of w transposed kept across the micro-batches)."""
+    from lit_deepseek.estimates import fp8_weight_cache_bytes
+
+    cfg = load_config(ROOT / "configs" / "deepseek_v3_small.yaml", validate=False)
+    cfg.training.global_batch_size, cfg.training.micro_batch_size = 8, 2
+    cfg.parallel.expert_parallel_size = 1  # one process
+    plain = cfg.memory_estimate(world_size=1)
+    cfg.training.use_fp8, cfg.training.fp8_recipe = True, "blockwise"
+    kept = fp8_weight_cache_bytes(cfg, 1)
+    b = cfg.param_breakdown()
+    assert 2 * (b["routed_experts"] + b["attention"]) < kept < 2 * (b["main_total"] + b["mtp_total"] - b["embedding"])
+    assert cfg.memory_estimate(world_size=1)["weights"] == pytest.approx(plain["weights"] + kept / 1024**3)
+    cfg.training.global_batch_size = 2  # one micro-batch: nothing kept
+    assert fp8_weight_cache_bytes(cfg, 1) == 0
+    cfg.training.global_batch_size, cfg.training.fp8_recipe = 8, "rowwise"
+    assert fp8_weight_cache_bytes(cfg, 1) == 0
+    cfg.training.fp8_recipe = "blockwise"
+    assert fp8_weight_cache_bytes(cfg, 4) == 0  # the distributed plan keeps none
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Field docstrings (the string literal under each field) of a config dataclass."""
     import ast
