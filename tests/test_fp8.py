@@ -991,3 +991,182 @@ def test_quantizer_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("LIT_DEEPSEEK_FP8_QUANT", "triton")
         with pytest.raises(RuntimeError, match="triton is not installed"):
             fp8._quant_backend()
+
+
+# ---------------------------------------------------------------------------------- weight reuse
+def _reuse_loss(part: nn.Module, h: torch.Tensor, mtp: list, labels: torch.Tensor):
+    return model_loss(part.head.weight, h, mtp, labels, 0.3)
+
+
+def _reuse_model() -> nn.Module:
+    """A tiny blockwise FP8 model (float32 emulation) whose dense FFN, shared experts and routed
+    experts take the fused gate/up products, the rest the dense and grouped ones."""
+    torch.manual_seed(0)
+    model = DeepSeekV3(tiny_model_config(**{"dense_intermediate_size": 128, "moe.expert_intermediate_size": 128}))
+    convert_to_fp8(model, recipe="blockwise", emulate=True)
+    return model
+
+
+def _reuse_batch(seed: int, sequences: int = 6, vocab: int = 97) -> dict:
+    ids = torch.randint(0, vocab, (sequences, 17), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+
+def _count_weight_quantizations(monkeypatch: pytest.MonkeyPatch, model: nn.Module) -> list[int]:
+    """Weight quantizations (`fp8._q_128x128` calls) per micro-batch: one entry per model forward, the
+    backward counted with its forward."""
+    calls: list[int] = []
+    real = getattr(fp8._q_128x128, "__wrapped__", fp8._q_128x128)  # not an earlier counter's
+
+    def count(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls[-1] += 1
+        return real(t)
+
+    count.__wrapped__ = real  # type: ignore[attr-defined]
+    monkeypatch.setattr(fp8, "_q_128x128", count)
+    model.register_forward_pre_hook(lambda *_: calls.append(0))
+    return calls
+
+
+def _reuse_step(model: nn.Module, batch: dict, micro: int = 2) -> tuple[torch.Tensor, list]:
+    from lit_deepseek.training.step import LocalPlan
+
+    loss = LocalPlan().forward_backward(model, batch, micro, _reuse_loss)
+    return loss.total, [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def _same_grads(a: list, b: list) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in zip(a, b, strict=True))
+
+
+def test_weight_reuse_over_micro_batches_is_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three micro-batches through `LocalPlan.forward_backward`: the first quantizes every weight and
+    keeps the blocks, the other two quantize none, and loss and gradients are bit for bit those of
+    LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0, where every micro-batch quantizes every weight."""
+    base, batch = _reuse_model(), _reuse_batch(0)
+    runs = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv("LIT_DEEPSEEK_FP8_WEIGHT_CACHE", env)
+        fp8.clear_fp8_weight_cache()
+        model = copy.deepcopy(base)
+        calls = _count_weight_quantizations(monkeypatch, model)
+        loss, grads = _reuse_step(model, batch)
+        runs[env] = (loss, grads, calls, fp8.fp8_weight_cache_info())
+    (loss_on, grads_on, calls_on, info_on), (loss_off, grads_off, calls_off, info_off) = runs["1"], runs["0"]
+    assert torch.equal(loss_on, loss_off) and _same_grads(grads_on, grads_off)
+    per_micro_batch = calls_off[0]
+    assert per_micro_batch > 0 and calls_off == [per_micro_batch] * 3
+    assert calls_on == [per_micro_batch, 0, 0]
+    assert info_on["entries"] > 0 and info_on["hits"] == 2 * info_on["misses"] and info_on["bytes"] > 0
+    assert info_off == {"entries": 0, "bytes": 0, "hits": 0, "misses": 0}
+
+
+def test_weights_changed_by_an_optimizer_step_are_quantized_again() -> None:
+    """Fused AdamW writes the weights without bumping their version counters: the next step's first
+    micro-batch quantizes them anew, so its gradients are those of a fresh copy of the updated
+    model run without the reuse."""
+    model = _reuse_model()
+    fp8.clear_fp8_weight_cache()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    _reuse_step(model, _reuse_batch(0))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    fresh = copy.deepcopy(model)  # new parameter objects: nothing kept applies to them
+    loss, grads = _reuse_step(model, _reuse_batch(1))
+    os.environ["LIT_DEEPSEEK_FP8_WEIGHT_CACHE"] = "0"
+    try:
+        loss_ref, grads_ref = _reuse_step(fresh, _reuse_batch(1))
+    finally:
+        del os.environ["LIT_DEEPSEEK_FP8_WEIGHT_CACHE"]
+    assert torch.equal(loss, loss_ref) and _same_grads(grads, grads_ref)
+
+
+def test_one_micro_batch_keeps_no_weight_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _reuse_model()
+    fp8.clear_fp8_weight_cache()
+    calls = _count_weight_quantizations(monkeypatch, model)
+    _reuse_step(model, _reuse_batch(0, sequences=2))
+    assert len(calls) == 1 and calls[0] > 0
+    assert fp8.fp8_weight_cache_info() == {"entries": 0, "bytes": 0, "hits": 0, "misses": 0}
+
+
+def test_kept_weight_blocks_key_on_the_tensor_object_and_its_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept entry serves only the very tensor it was filled from (not an equal copy), in its own
+    orientation, until the tensor changes in place; it goes with the tensor."""
+    fp8.clear_fp8_weight_cache()
+    w = torch.randn(200, 136)
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+    def fresh(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(bits(x) for x in quantize_128x128(t))
+
+    with fp8.fp8_weight_reuse("fill"):
+        q, s = fp8.weight_blocks(w)
+    with fp8.fp8_weight_reuse("reuse"):
+        assert fp8.weight_blocks(w)[0] is q
+        twin = w.clone()
+        assert fp8.weight_blocks(twin)[0] is not q
+        qt, st = fp8.weight_blocks(w, transposed=True)
+        assert all(torch.equal(a, b) for a, b in zip((bits(qt), st), fresh(w.t()), strict=True))
+        w.mul_(3)
+        q2, s2 = fp8.weight_blocks(w)
+        assert all(torch.equal(a, b) for a, b in zip((bits(q2), s2), fresh(w), strict=True))
+    assert fp8.fp8_weight_cache_info()["entries"] == 3
+    with fp8.fp8_weight_reuse("off"):
+        fp8.weight_blocks(torch.randn(128, 128))
+    del w, twin
+    assert fp8.fp8_weight_cache_info()["entries"] == 0
+    monkeypatch.setenv("LIT_DEEPSEEK_FP8_WEIGHT_CACHE", "yes")
+    with pytest.raises(ValueError, match="LIT_DEEPSEEK_FP8_WEIGHT_CACHE"), fp8.fp8_weight_reuse("fill"):
+        pass
+
+
+@pytest.mark.gpu
+@block_fp8_gpu
+def test_weight_reuse_under_cuda_graphs_matches_no_reuse_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three micro-batches per step through `LocalPlan(cuda_graphs=True)`, past the warm-up into
+    capture (the first micro-batch's graph in "fill", the later ones' in "reuse") and replays, against
+    a second graphed plan captured with LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0, every step from the same
+    weights; the optimizer (fused AdamW) then steps, so the replays see weights changed in place."""
+    from lit_deepseek.model import DeepSeekV3 as Model
+    from lit_deepseek.training.step import LocalPlan, build_optimizer, make_loss_fn
+    from tests.test_cuda_graphs import gpu_config
+
+    cfg = gpu_config(micro=2, global_batch=6, compile_=False, fp8=True)
+    t = cfg.training
+    reuse, reference = LocalPlan(cuda_graphs=True), LocalPlan(cuda_graphs=True)
+    with torch.device("cuda"):
+        model = Model(cfg.model)
+    model.init_weights(seed=7)
+    model = reuse.parallelize(model, cfg)  # converts to FP8; no setting of cfg blocks the graphs
+    optimizer, _ = build_optimizer(reuse, model, cfg)
+    loss_fn = make_loss_fn(cfg.model, t)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(0)
+    fp8.clear_fp8_weight_cache()
+    for step in range(5):  # two warm-up steps, the capture, two replayed steps
+        ids = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_length + 1), generator=gen).cuda()
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+        runs = []
+        for plan, env in ((reference, "0"), (reuse, "1")):
+            monkeypatch.setenv("LIT_DEEPSEEK_FP8_WEIGHT_CACHE", env)
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                loss = plan.forward_backward(model, batch, t.micro_batch_size, loss_fn).total.item()
+            runs.append((loss, torch.cat([p.grad.flatten() for p in params])))
+            optimizer.zero_grad(set_to_none=True)
+        (l0, g0), (l1, g1) = runs
+        err = ((g1 - g0).norm() / g0.norm()).item()
+        print(f"step {step}: loss {l0:.6f} vs {l1:.6f}, relative gradient difference {err:.2e}")  # shown with -s
+        assert abs(l1 - l0) <= 2e-3 * abs(l0), (step, l0, l1)
+        assert err < 8e-2, (step, err)  # test_graphed_steps_equal_eager_steps_on_gpu's FP8 bound
+        for p, g in zip(params, torch.split(g1, [p.numel() for p in params]), strict=True):
+            p.grad = g.view_as(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert reuse.graphs(model).captured == 2 and reference.graphs(model).captured == 2
+    assert fp8.fp8_weight_cache_info()["entries"] > 0
