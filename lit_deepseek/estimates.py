@@ -158,8 +158,8 @@ def memory_estimate(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> di
 def fp8_weight_cache_bytes(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> float:
     """Bytes of the FP8 weight blocks kept across the micro-batches of a step (counted with the
     weights): one process training with the blockwise FP8 recipe and more than one micro-batch per
-    step keeps, per FP8 weight parameter, 1 byte of the blocks of w and 1 of w transposed (the float32
-    scales, one per 128x128 block, are negligible); `lit_deepseek.kernels.fp8`, "Weight reuse". FP8
+    step keeps, per FP8 weight parameter, 1 byte of the blocks of w (the input gradient transposes
+    them; the float32 scales, one per 128x128 block, are negligible); `lit_deepseek.kernels.fp8`, "Weight reuse". FP8
     weights are those of the default training.fp8_exclude: all but the embedding, head and router.
     The distributed plan keeps none."""
     from lit_deepseek.parallel.layout import accumulation_steps, layout_degrees
@@ -173,7 +173,7 @@ def fp8_weight_cache_bytes(cfg: DeepSeekConfig, world_size: Optional[int] = None
     b = param_breakdown(cfg.model)
     _, mtp, eh_proj = _counts(cfg.model)
     fp8_components = ("attention", "dense_ffn", "shared_experts", "routed_experts")
-    return 2.0 * (sum(b[c] + mtp[c] for c in fp8_components) + eh_proj)
+    return 1.0 * (sum(b[c] + mtp[c] for c in fp8_components) + eh_proj)
 
 
 def activation_bytes(cfg: DeepSeekConfig) -> float:

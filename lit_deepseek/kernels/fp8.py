@@ -46,10 +46,13 @@ weight's 128x128 blocks through `weight_blocks` (the gate/up products: both weig
 side), which follows the phase set by `fp8_weight_reuse(phase)`:
 
 * "off" (the default): quantize at every call, keep nothing;
-* "fill": quantize and keep the blocks and scales, one entry per weight (or gate/up pair) and
-  orientation (the forward's blocks of w, the input gradient's blocks of w transposed);
+* "fill": quantize each weight's forward blocks and keep them (one entry per weight or gate/up
+  pair); the backward of the same micro-batch takes them too;
 * "reuse": return the kept blocks when they are valid, else quantize and keep.
 
+Only the forward blocks are kept: the input gradient's blocks of w.T are the kept ones transposed
+(`_transposed_blocks`, one byte read and written per element, bit for bit the quantization of w.T),
+so outside "off" each weight is quantized once per step instead of twice per micro-batch.
 `lit_deepseek.training.step.LocalPlan` runs the first micro-batch of a step of several (forward and
 backward) in "fill" and the others in "reuse"; a step of one micro-batch stays "off". An entry is
 valid for the very tensor objects it was filled from (a weak reference compared with `is`, never an
@@ -59,16 +62,19 @@ parameters without bumping it, which is why "fill" always quantizes anew; within
 writes the weights. A weight that arrives as a per-call temporary (a DTensor's local shard under
 tensor parallelism, any view) never hits: correct, no gain. An eager plain `nn.Parameter` reaches the
 custom ops as the same Python object, forward and backward, and so does a compiled one (aot_eager and
-inductor on CPU). The phase is module state read inside the ops at every call: they are opaque to
-torch.compile, so their Python runs each time. While entries are kept they hold about 2 bytes per
-blockwise FP8 weight parameter (1 byte each for the blocks of w and of w transposed) plus one float32
-scale per 128x128 block; an entry lives as long as its weight (`clear_fp8_weight_cache` drops all).
-Kept blocks are written in place at the next fill, never replaced, so that CUDA graphs (the first
-micro-batch's graph, captured in "fill", writes them at each replay; the later micro-batches' graph
-reads them) stay valid. `lit_deepseek.parallel.plan.DistributedPlan` keeps the phase "off" (FSDP2
-frees and refills the unsharded parameters' storage around each forward and backward, which this
-key was not checked against, and pipeline schedules interleave micro-batches). LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0 keeps every phase "off"
-(the reference path); the result is bit-identical either way. The row-wise recipe quantizes at every call.
+inductor on CPU; on CUDA the graphed test below sees the hits). The phase is module state read inside
+the ops at every call: they are opaque to torch.compile, so their Python runs each time. Kept blocks
+hold about 1 byte per blockwise FP8 weight parameter plus one float32 scale per 128x128 block
+(`lit_deepseek.estimates.fp8_weight_cache_bytes` counts them); an entry lives as long as its weight
+(`clear_fp8_weight_cache` drops all). Kept blocks are written in place at the next fill, never
+replaced, so that CUDA graphs (the first micro-batch's graph, captured in "fill", writes them at each
+replay; the later micro-batches' graph reads them) stay valid. `tests/test_fp8.py` checks the steps
+bit for bit against LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0 on CPU and, under CUDA graphs, within the FP8
+bounds on a GPU. `lit_deepseek.parallel.plan.DistributedPlan` keeps the phase "off" (FSDP2 frees and
+refills the unsharded parameters' storage around each forward and backward, which this key was not
+checked against, and pipeline schedules interleave micro-batches). LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0
+keeps every phase "off" (the reference path; use it when the kept bytes do not fit). The row-wise
+recipe quantizes at every call.
 """
 
 from __future__ import annotations
@@ -235,16 +241,16 @@ _weight_phase = "off"  # read by the FP8 ops at every call (they are opaque to t
 
 
 class _WeightBlocks:
-    """The 128x128 blocks (and scales) of one weight, or of gate and up side by side, in one
-    orientation; valid for the very tensor objects it was filled from, at their recorded shape,
-    dtype, device and version."""
+    """The forward 128x128 blocks (and scales) of one weight, or of gate and up side by side; valid
+    for the very tensor objects it was filled from, at their recorded shape, dtype, device and
+    version."""
 
-    __slots__ = ("refs", "metas", "q", "s", "captured")
+    __slots__ = ("refs", "metas", "q", "s", "captured", "fill")
 
     def __init__(self, key: tuple, weights: tuple[Tensor, ...], q: Tensor, s: Tensor, captured: bool) -> None:
         self.refs = tuple(weakref.ref(w, lambda _ref, k=key: _forget(k, _ref)) for w in weights)
         self.metas = tuple(_weight_meta(w) for w in weights)
-        self.q, self.s, self.captured = q, s, captured
+        self.q, self.s, self.captured, self.fill = q, s, captured, _fill_count
 
     def matches(self, weights: tuple[Tensor, ...]) -> bool:
         return (len(weights) == len(self.refs)
@@ -254,11 +260,12 @@ class _WeightBlocks:
 
 _kept: dict[tuple, _WeightBlocks] = {}
 _weight_cache_counts = {"hits": 0, "misses": 0}
+_fill_count = 0  # how many "fill" phases have begun: an entry written in the current one serves its backward
 
 
-def _weight_key(weights: tuple[Tensor, ...], transposed: bool = False) -> tuple:
+def _weight_key(weights: tuple[Tensor, ...]) -> tuple:
     # ids only find a candidate: `_WeightBlocks.matches` checks the objects themselves
-    return (transposed, *(id(w) for w in weights))
+    return tuple(id(w) for w in weights)
 
 
 def _weight_meta(w: Tensor) -> tuple:
@@ -286,10 +293,12 @@ def fp8_weight_reuse(phase: str) -> Iterator[None]:
     """Run the FP8 products inside in weight-reuse `phase`: "off" (quantize every weight at every
     call), "fill" (quantize and keep) or "reuse" (take the kept blocks where they are valid);
     LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0 makes every phase "off". See the module docstring."""
-    global _weight_phase
+    global _weight_phase, _fill_count
     if phase not in WEIGHT_CACHE_PHASES:
         raise ValueError(f"fp8_weight_reuse: phase must be one of {', '.join(WEIGHT_CACHE_PHASES)}, got {phase!r}")
     previous, _weight_phase = _weight_phase, phase if _weight_cache_enabled() else "off"
+    if _weight_phase == "fill":
+        _fill_count += 1
     try:
         yield
     finally:
@@ -313,20 +322,19 @@ def _capturing(t: Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _kept_blocks(weights: tuple[Tensor, ...], transposed: bool, quantize: Any) -> tuple[Tensor, Tensor]:
-    """quantize() -> (blocks, scales) of `weights` in one orientation, through the kept entries as the
-    current phase says."""
+def _kept_blocks(weights: tuple[Tensor, ...], quantize: Any) -> tuple[Tensor, Tensor]:
+    """quantize() -> the forward (blocks, scales) of `weights`, through the kept entries as the
+    current phase (not "off") says."""
     phase = _weight_phase
-    if phase == "off" or any(w.is_inference() or is_dtensor(w) for w in weights):
-        return quantize()
-    key = _weight_key(weights, transposed)
+    key = _weight_key(weights)
     entry = _kept.get(key)
     capturing = _capturing(weights[0])
     valid = entry is not None and entry.matches(weights)
-    # Blocks written while a CUDA graph was captured hold data only once that graph has replayed:
-    # a graph captured later reads them (the graph of a later micro-batch, after the first one's
-    # replay), an eager call does not.
-    if phase == "reuse" and valid and (capturing or not entry.captured):
+    # Valid blocks serve every call of "reuse", and the backward of the "fill" that wrote them. Blocks
+    # written while a CUDA graph was captured hold data only once that graph has replayed: a graph
+    # captured later reads them (the later micro-batches' graph, after the first one's replay), or
+    # the same capture (the first micro-batch's backward), never an eager call.
+    if valid and (phase == "reuse" or entry.fill == _fill_count) and (capturing or not entry.captured):
         _weight_cache_counts["hits"] += 1
         return entry.q, entry.s
     _weight_cache_counts["misses"] += 1
@@ -343,28 +351,48 @@ def _kept_blocks(weights: tuple[Tensor, ...], transposed: bool, quantize: Any) -
         entry.q.copy_(q)
         entry.s.copy_(s)
         entry.metas = tuple(_weight_meta(w) for w in weights)
-        entry.captured = capturing
+        entry.captured, entry.fill = capturing, _fill_count
         return entry.q, entry.s
     _kept[key] = _WeightBlocks(key, weights, q, s, capturing)
     return q, s
 
 
+def _transposed_blocks(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """The blocks of w.T from those of w: a 128x128 block stays a block under transposition, with
+    the same scale, so transposing blocks and scales gives `quantize_128x128(w.transpose(-2, -1))`
+    bit for bit (one byte read and written per element, against four read to quantize anew)."""
+    qt = q.view(torch.uint8).transpose(-2, -1).contiguous().view(E4M3)
+    return qt, s.transpose(-2, -1).contiguous()
+
+
+def _reusing(weights: tuple[Tensor, ...]) -> bool:
+    return _weight_phase != "off" and not any(w.is_inference() or is_dtensor(w) for w in weights)
+
+
 def weight_blocks(w: Tensor, transposed: bool = False) -> tuple[Tensor, Tensor]:
     """`quantize_128x128` of the weight w [..., N, K] (transposed: of w.transpose(-2, -1)), through
-    the weight reuse (`fp8_weight_reuse`): the blocks every blockwise product takes of a weight."""
-    return _kept_blocks((w,), transposed, lambda: _q_128x128(w.transpose(-2, -1) if transposed else w))
+    the weight reuse (`fp8_weight_reuse`): the blocks every blockwise product takes of a weight. Only
+    the forward blocks are kept; the input gradient's are their transpose."""
+    if not _reusing((w,)):
+        return _q_128x128(w.transpose(-2, -1) if transposed else w)
+    q, s = _kept_blocks((w,), lambda: _q_128x128(w))
+    return _transposed_blocks(q, s) if transposed else (q, s)
 
 
 def _gate_up_blocks(w1: Tensor, w3: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
     """The blocks of w1 and w3 side by side (along N forward; along the transposed N, the last
-    dimension, when transposed), each weight quantized on its own, through the weight reuse."""
-    dim = -1 if transposed else -2
-
-    def quantize() -> tuple[Tensor, Tensor]:
+    dimension, when transposed), each weight quantized on its own, through the weight reuse (which
+    keeps the forward pair and transposes it: the transpose of blocks stacked along N is the
+    transposed blocks side by side along the last dimension)."""
+    def quantize(transposed: bool) -> tuple[Tensor, Tensor]:
+        dim = -1 if transposed else -2
         (q1, s1), (q3, s3) = (_q_128x128(w.transpose(-2, -1) if transposed else w) for w in (w1, w3))
         return _cat_e4m3((q1, q3), dim), torch.cat((s1, s3), dim)
 
-    return _kept_blocks((w1, w3), transposed, quantize)
+    if not _reusing((w1, w3)):
+        return quantize(transposed)
+    q, s = _kept_blocks((w1, w3), lambda: quantize(False))
+    return _transposed_blocks(q, s) if transposed else (q, s)
 
 
 def _aligned(*dims: int) -> bool:
