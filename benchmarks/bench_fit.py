@@ -165,8 +165,22 @@ def metric_history(run_dir: Path, keys: list[str]) -> dict[str, list[Any]]:
     return {k: sorted(client.get_metric_history(run_id, k), key=lambda m: m.step) for k in keys}
 
 
-def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float) -> dict[str, Any]:
+def row_config(row: Row) -> Any:
+    """The `DeepSeekConfig` a row's `fit_command` trains (for its FLOPs and memory estimate)."""
     from lit_deepseek.config import load_config
+
+    return load_config(*CONFIGS[row.config], overrides={
+        "parallel.expert_parallel_size": 1, "parallel.data_parallel_size": 1, "training.seq_length": row.seq,
+        "training.micro_batch_size": row.micro, "training.global_batch_size": row.global_batch,
+        "training.compile": row.compile, "training.precision": row.precision, "model.mtp_depth": row.mtp,
+        "training.use_fp8": row.fp8, "training.fp8_recipe": row.fp8_recipe,
+        "training.fp8_expert_wgrad": row.expert_wgrad,
+        **({} if row.fp8_experts else {"training.fp8_exclude": ["embed", "head", "gate", "experts"]}),
+        "training.cuda_graphs": row.graphs, "training.bf16_weight_copy": row.weight_copy,
+        "model.mla.max_context_length": max(row.seq, 8192)}, validate=False)
+
+
+def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float) -> dict[str, Any]:
 
     run_dir = work / row.name
     work.mkdir(parents=True, exist_ok=True)
@@ -185,11 +199,7 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
                                     "train/cuda_graphs"])
     losses = hist["train/loss"]
     stamps = [m.timestamp / 1e3 for m in losses]
-    cfg = load_config(*CONFIGS[row.config], overrides={
-        "parallel.expert_parallel_size": 1, "parallel.data_parallel_size": 1, "training.seq_length": row.seq,
-        "training.micro_batch_size": row.micro, "training.global_batch_size": row.global_batch,
-        "training.compile": row.compile, "training.precision": row.precision, "model.mtp_depth": row.mtp,
-        "model.mla.max_context_length": max(row.seq, 8192)}, validate=False)
+    cfg = row_config(row)
     tokens_per_step = row.global_batch * row.seq
     logged = [m.step for m in losses]
     # from the first logged step on (the warm-up ends there); per-step with the checkpoint row

@@ -11,6 +11,7 @@ keeps (see `activation_bytes`). Layout numbers (DP, micro-batches) come from
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from typing import TYPE_CHECKING, Optional
 
@@ -160,7 +161,8 @@ def fp8_weight_cache_bytes(cfg: DeepSeekConfig, world_size: Optional[int] = None
     weights): one process training with the blockwise FP8 recipe and more than one micro-batch per
     step keeps, per FP8 weight parameter, 1 byte of the blocks of w (the input gradient transposes
     them; the float32 scales, one per 128x128 block, are negligible); `lit_deepseek.kernels.fp8`, "Weight reuse". FP8
-    weights are those of the default training.fp8_exclude: all but the embedding, head and router.
+    weights are those of the default training.fp8_exclude (all but the embedding, head and router),
+    less the routed experts when a pattern of it matches "experts".
     The distributed plan keeps none."""
     from lit_deepseek.parallel.layout import accumulation_steps, layout_degrees
 
@@ -172,7 +174,9 @@ def fp8_weight_cache_bytes(cfg: DeepSeekConfig, world_size: Optional[int] = None
         return 0.0
     b = param_breakdown(cfg.model)
     _, mtp, eh_proj = _counts(cfg.model)
-    fp8_components = ("attention", "dense_ffn", "shared_experts", "routed_experts")
+    fp8_components = ["attention", "dense_ffn", "shared_experts", "routed_experts"]
+    if any(fnmatch.fnmatchcase("experts", pat) for pat in t.fp8_exclude):  # the routed experts stay bf16
+        fp8_components.remove("routed_experts")
     return 1.0 * (sum(b[c] + mtp[c] for c in fp8_components) + eh_proj)
 
 

@@ -105,6 +105,9 @@ def test_memory_estimate_counts_the_kept_fp8_weight_blocks() -> None:
     b = cfg.param_breakdown()
     assert b["routed_experts"] + b["attention"] < kept < b["main_total"] + b["mtp_total"] - b["embedding"]
     assert cfg.memory_estimate(world_size=1)["weights"] == pytest.approx(plain["weights"] + kept / 1024**3)
+    cfg.training.fp8_exclude = ["embed", "head", "gate", "experts"]  # routed experts in bf16: not kept
+    assert 0 < fp8_weight_cache_bytes(cfg, 1) <= kept - b["routed_experts"]
+    cfg.training.fp8_exclude = ["embed", "head", "gate"]
     cfg.training.global_batch_size = 2  # one micro-batch: nothing kept
     assert fp8_weight_cache_bytes(cfg, 1) == 0
     cfg.training.global_batch_size, cfg.training.fp8_recipe = 8, "rowwise"
