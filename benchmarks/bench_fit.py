@@ -66,6 +66,7 @@ class Row:
     checkpoint_every: int = 0  # 0: no periodic save during the timed steps
     graphs: bool = True  # training.cuda_graphs (the default); a row named ...-nograph runs the eager step
     weight_copy: bool = True  # training.bf16_weight_copy (the default); ...-nocopy: autocast casts per micro-batch
+    fp8_reuse: bool = True  # FP8 weight reuse across micro-batches (the default); ...-noreuse: LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0
 
     @property
     def name(self) -> str:
@@ -83,7 +84,14 @@ class Row:
             parts.append("nograph")
         if not self.weight_copy:
             parts.append("nocopy")
+        if self.fp8 and not self.fp8_reuse:
+            parts.append("noreuse")
         return "-".join(parts)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of the row's `lit-deepseek fit` process."""
+        return {**os.environ, **({} if self.fp8_reuse else {"LIT_DEEPSEEK_FP8_WEIGHT_CACHE": "0"})}
 
 
 def default_rows() -> list[Row]:
@@ -96,6 +104,7 @@ def default_rows() -> list[Row]:
                 rows.append(Row(config, seq, micro=micro, global_batch=8 * 4096 // seq, compile=compile_))
             rows.append(Row(config, seq, micro=micro, global_batch=8 * 4096 // seq, fp8=True))
         rows.append(Row(config, 4096, micro=2, global_batch=8))  # the config's own micro-batch 2
+        rows.append(Row(config, 4096, micro=2, global_batch=8, fp8=True))  # ... in FP8 (weight reuse)
     rows.append(Row("small", 4096, micro=8, global_batch=8, compile=False, fp8=True))  # FP8 eager
     rows.append(Row("small", 4096, micro=8, global_batch=8, checkpoint_every=8))  # stall of a periodic save
     return rows
@@ -103,12 +112,15 @@ def default_rows() -> list[Row]:
 
 def select_rows(wanted: list[str]) -> list[Row]:
     """The named rows in the order asked; NAME-nograph is row NAME with `training.cuda_graphs: false`,
-    NAME-nocopy with `training.bf16_weight_copy: false` (both: NAME-nograph-nocopy)."""
+    NAME-nocopy with `training.bf16_weight_copy: false` (both: NAME-nograph-nocopy); an FP8 row's
+    NAME-noreuse (last) runs with LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0."""
     known = {r.name: r for r in default_rows()}
     rows = []
     for name in wanted:
-        base = name.removesuffix("-nocopy")
-        copy = base == name
+        reuse = not name.endswith("-noreuse")
+        named = name.removesuffix("-noreuse")
+        base = named.removesuffix("-nocopy")
+        copy = base == named
         graph_base = base.removesuffix("-nograph")
         graphs = graph_base == base
         recipe, wgrad = "blockwise", "bf16"
@@ -119,9 +131,9 @@ def select_rows(wanted: list[str]) -> list[Row]:
         if graph_base not in known:
             raise SystemExit(f"--rows: unknown row {name!r}; rows: {', '.join(known)} (each also as NAME-nograph, "
                              "NAME-nocopy, NAME-nograph-nocopy; an fp8 row also as ...-fp8rowwise... or "
-                             "...-fp8-ewfp8...)")
+                             "...-fp8-ewfp8..., and with -noreuse last)")
         rows.append(dataclasses.replace(known[graph_base], graphs=graphs, weight_copy=copy, fp8_recipe=recipe,
-                                        expert_wgrad=wgrad))
+                                        expert_wgrad=wgrad, fp8_reuse=reuse))
     return rows
 
 
@@ -186,7 +198,7 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
     work.mkdir(parents=True, exist_ok=True)
     cmd = fit_command(row, run_dir, steps, warmup)
     t_launch = time.time()
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout_s, env=row.env)
     wall_s = time.time() - t_launch
     (work / f"{row.name}.log").write_text(proc.stdout + proc.stderr)
     # the metrics live in the run's MLflow store; its checkpoints (~19 GB a save on the small config)

@@ -34,6 +34,8 @@ run starts after --budget-s.
     python benchmarks/bench_fp8.py --phases speed --speed-configs small --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases speed --speed-configs large --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases speed --speed-configs large --large-micro 1 --out $OUT/fp8  # 80 GB card
+    python benchmarks/bench_fp8.py --phases speed --speed-configs large --large-micro 1 \
+        --recipes bf16,fp8-blockwise,fp8-blockwise-noreuse --out $OUT/fp8  # the weight reuse on and off
     python benchmarks/bench_fp8.py --phases convergence --steps 4 --device cpu --concurrent --out /tmp/bench_fp8  # smoke
     python benchmarks/bench_fp8.py --phases convergence --steps 3 --device cpu --corpus local --corpus-mb 2 \
         --out /tmp/bench_fp8  # smoke of the local corpus
@@ -362,10 +364,12 @@ def speed(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> l
         name, per_step = SPEED[config]
         micro = args.large_micro if config == "large" else per_step
         for variant in args.recipes.split(","):
-            fp8, recipe, wgrad, experts = VARIANTS[variant.removesuffix("-nograph")]  # -nograph: no CUDA graphs
+            # -noreuse: LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0; -nograph: no CUDA graphs
+            base = variant.removesuffix("-noreuse")
+            fp8, recipe, wgrad, experts = VARIANTS[base.removesuffix("-nograph")]
             row = bench_fit.Row(name, 4096, micro=micro, global_batch=per_step, fp8=fp8, fp8_recipe=recipe,
-                                expert_wgrad=wgrad, fp8_experts=experts,
-                                graphs=not variant.endswith("-nograph"))
+                                expert_wgrad=wgrad, fp8_experts=experts, graphs=not base.endswith("-nograph"),
+                                fp8_reuse=base == variant)
             left = deadline - time.time()
             if left < 90:
                 lines.append(f"| {config} | {row.name} | skipped (budget) | | | |")
@@ -409,7 +413,8 @@ def main() -> None:
     ap.add_argument("--seed-b", type=int, default=4321)
     ap.add_argument("--speed-configs", default="small,large", help="comma list of: small, large")
     ap.add_argument("--recipes", default="bf16,fp8-blockwise,fp8-rowwise",
-                    help=f"speed variants, of: {', '.join(VARIANTS)} (each also as NAME-nograph: without CUDA graphs)")
+                    help=f"speed variants, of: {', '.join(VARIANTS)} (each also as NAME-nograph: without CUDA graphs; "
+                         "an FP8 one also as NAME-noreuse or NAME-nograph-noreuse: LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0)")
     ap.add_argument("--large-micro", type=int, default=4, choices=[1, 2, 4],
                     help="speed: micro-batch of the large config (4 x 4096 tokens per step either way); 4 needs "
                          "~98 GiB by `lit-deepseek summary`, so on an 80 GB card use 1")
