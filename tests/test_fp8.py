@@ -610,7 +610,7 @@ def test_fp8_experts_run_gate_and_up_as_one_product(monkeypatch: pytest.MonkeyPa
 
 def test_cli_fp8_run_on_cpu_learns(tmp_path: Path) -> None:
     """`lit-deepseek fit --training.use_fp8 true` on CPU (float32 emulation of the blockwise recipe):
-    the run finishes and its loss falls."""
+    the run finishes, its loss falls, and its two micro-batches per step reuse the weight blocks."""
     import mlflow
 
     from tests.test_cli import DEMO, run_cli
@@ -630,6 +630,11 @@ def test_cli_fp8_run_on_cpu_learns(tmp_path: Path) -> None:
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
     assert len(loss) == 8
     assert sum(loss[-2:]) / 2 < 0.8 * sum(loss[:2]) / 2, loss
+    # two micro-batches per step: the second took the first one's weight blocks (LocalPlan's reuse)
+    hits = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "fp8/weight_reuse_hits"),
+                                    key=lambda m: m.step)]
+    assert len(hits) == 8 and hits[0] > 0 and hits == sorted(hits) and hits[-1] > hits[0], hits
+    assert run.data.metrics["fp8/kept_weight_gib"] > 0
 
 
 @pytest.mark.parametrize("args,needle", [

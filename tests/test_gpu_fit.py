@@ -96,6 +96,8 @@ def test_fit_on_gpu_fp8_with_accumulation_and_mtp(tmp_path: Path) -> None:
     assert_learns(history, 12)
     assert_graphed(proc, history, 2)
     assert "train/mtp_loss" in history
+    # later micro-batches took the first one's FP8 weight blocks (LocalPlan's weight reuse)
+    assert history["fp8/weight_reuse_hits"][-1][1] > 0 and history["fp8/kept_weight_gib"][-1][1] > 0
 
 
 def test_fit_on_gpu_resumes_into_the_same_run(tmp_path: Path) -> None:

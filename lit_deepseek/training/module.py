@@ -225,6 +225,14 @@ class DeepSeekLightningModule(L.LightningModule):
             graphs = self._local_plan._graphs if self.plan is self._local_plan else None
             # micro-batch graphs in use: 0 during the eager warm-up steps or when they are off
             metrics["train/cuda_graphs"] = float(graphs.captured if graphs is not None and graphs.off is None else 0)
+        if t.use_fp8:
+            from lit_deepseek.kernels.fp8 import fp8_weight_cache_info
+
+            # the weight reuse across micro-batches: bytes of the kept blocks, and the lookups that found
+            # them (counted where Python runs: eager steps and graph captures, not graph replays)
+            kept = fp8_weight_cache_info()
+            metrics["fp8/kept_weight_gib"] = kept["bytes"] / 2**30
+            metrics["fp8/weight_reuse_hits"] = float(kept["hits"])
         if t.compile:
             from torch._dynamo.utils import counters
 
