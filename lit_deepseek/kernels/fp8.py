@@ -259,7 +259,7 @@ class _WeightBlocks:
 
 
 _kept: dict[tuple, _WeightBlocks] = {}
-_weight_cache_counts = {"hits": 0, "misses": 0}
+_weight_cache_counts = {"hits": 0, "reused": 0, "misses": 0}
 _fill_count = 0  # how many "fill" phases have begun: an entry written in the current one serves its backward
 
 
@@ -308,12 +308,13 @@ def fp8_weight_reuse(phase: str) -> Iterator[None]:
 def clear_fp8_weight_cache() -> None:
     """Drop every kept weight block. Never while CUDA graphs that read or write them may replay."""
     _kept.clear()
-    _weight_cache_counts.update(hits=0, misses=0)
+    _weight_cache_counts.update(hits=0, reused=0, misses=0)
 
 
 def fp8_weight_cache_info() -> dict[str, int]:
-    """Kept entries, their bytes, and the lookups that found valid blocks (hits) or quantized (misses)
-    since the last `clear_fp8_weight_cache`."""
+    """Kept entries, their bytes, and the lookups that found valid blocks (hits; "reused": those of
+    the "reuse" phase, i.e. a later micro-batch's) or quantized (misses) since the last
+    `clear_fp8_weight_cache`."""
     nbytes = sum(e.q.numel() * e.q.element_size() + e.s.numel() * e.s.element_size() for e in _kept.values())
     return {"entries": len(_kept), "bytes": nbytes, **_weight_cache_counts}
 
@@ -336,6 +337,7 @@ def _kept_blocks(weights: tuple[Tensor, ...], quantize: Any) -> tuple[Tensor, Te
     # the same capture (the first micro-batch's backward), never an eager call.
     if valid and (phase == "reuse" or entry.fill == _fill_count) and (capturing or not entry.captured):
         _weight_cache_counts["hits"] += 1
+        _weight_cache_counts["reused"] += phase == "reuse"
         return entry.q, entry.s
     _weight_cache_counts["misses"] += 1
     q, s = quantize()

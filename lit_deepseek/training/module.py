@@ -228,11 +228,11 @@ class DeepSeekLightningModule(L.LightningModule):
         if t.use_fp8:
             from lit_deepseek.kernels.fp8 import fp8_weight_cache_info
 
-            # the weight reuse across micro-batches: bytes of the kept blocks, and the lookups that found
-            # them (counted where Python runs: eager steps and graph captures, not graph replays)
+            # the weight reuse across micro-batches: bytes of the kept blocks, and the later micro-batches'
+            # lookups that found them (counted where Python runs: eager steps and graph captures, not replays)
             kept = fp8_weight_cache_info()
             metrics["fp8/kept_weight_gib"] = kept["bytes"] / 2**30
-            metrics["fp8/weight_reuse_hits"] = float(kept["hits"])
+            metrics["fp8/weight_reuse_hits"] = float(kept["reused"])
         if t.compile:
             from torch._dynamo.utils import counters
 
