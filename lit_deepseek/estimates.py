@@ -157,27 +157,28 @@ def memory_estimate(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> di
 
 
 def fp8_weight_cache_bytes(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> float:
-    """Bytes of the FP8 weight blocks kept across the micro-batches of a step (counted with the
-    weights): one process training with the blockwise FP8 recipe and more than one micro-batch per
-    step keeps, per FP8 weight parameter, 1 byte of the blocks of w (the input gradient transposes
-    them; the float32 scales, one per 128x128 block, are negligible); `lit_deepseek.kernels.fp8`, "Weight reuse". FP8
+    """Bytes per GPU of the FP8 weight blocks kept across the micro-batches of a step (counted with
+    the weights): training with the blockwise FP8 recipe and more than one micro-batch per step on
+    a layout of plain local weights (TP 1, PP 1, ZeRO 0 or 1; any EP and DP) keeps, per local FP8
+    weight parameter, 1 byte of the blocks of w (the input gradient transposes them; the float32
+    scales, one per 128x128 block, are negligible); `lit_deepseek.kernels.fp8`, "Weight reuse". FP8
     weights are those of the default training.fp8_exclude (all but the embedding, head and router),
-    less the routed experts when a pattern of it matches "experts".
-    The distributed plan keeps none."""
-    from lit_deepseek.parallel.layout import accumulation_steps, layout_degrees
+    less the routed experts when a pattern of it matches "experts"; a rank holds 1/EP of the routed
+    experts. Other layouts keep none."""
+    from lit_deepseek.parallel.layout import layout_degrees
 
     t = cfg.training
     tp, pp, ep, dp = layout_degrees(cfg.parallel, world_size)
-    if not (t.use_fp8 and t.fp8_recipe == "blockwise") or tp * pp * ep * dp > 1:
+    if not (t.use_fp8 and t.fp8_recipe == "blockwise") or tp * pp > 1 or cfg.parallel.zero_stage >= 2:
         return 0.0
-    if accumulation_steps(t.global_batch_size, t.micro_batch_size, 1) < 2:
+    if t.global_batch_size < 2 * t.micro_batch_size * ep * dp:  # one micro-batch per step: nothing kept
         return 0.0
     b = param_breakdown(cfg.model)
     _, mtp, eh_proj = _counts(cfg.model)
-    fp8_components = ["attention", "dense_ffn", "shared_experts", "routed_experts"]
-    if any(fnmatch.fnmatchcase("experts", pat) for pat in t.fp8_exclude):  # the routed experts stay bf16
-        fp8_components.remove("routed_experts")
-    return 1.0 * (sum(b[c] + mtp[c] for c in fp8_components) + eh_proj)
+    dense = sum(b[c] + mtp[c] for c in ("attention", "dense_ffn", "shared_experts")) + eh_proj
+    experts = 0 if any(fnmatch.fnmatchcase("experts", pat) for pat in t.fp8_exclude) else \
+        b["routed_experts"] + mtp["routed_experts"]  # unless the routed experts stay bf16
+    return 1.0 * (dense + experts / ep)
 
 
 def activation_bytes(cfg: DeepSeekConfig) -> float:

@@ -206,6 +206,17 @@ def distributed_run(rank: int, world_size: int, cfg: Any, steps: int, kwargs: di
     return history, full_weights(plan, model), plan.coordinate
 
 
+def fp8_reuse_run(rank: int, world_size: int, cfg: Any, steps: int, reuse: bool) -> tuple[list, dict, dict, dict]:
+    """`distributed_run` with the FP8 weight reuse across micro-batches on or off
+    (LIT_DEEPSEEK_FP8_WEIGHT_CACHE, set in the rank itself), plus the rank's reuse counters."""
+    os.environ["LIT_DEEPSEEK_FP8_WEIGHT_CACHE"] = "1" if reuse else "0"
+    from lit_deepseek.kernels import fp8
+
+    fp8.clear_fp8_weight_cache()
+    history, weights, coordinate = distributed_run(rank, world_size, cfg, steps)
+    return history, weights, coordinate, fp8.fp8_weight_cache_info()
+
+
 def weight_difference(ref_w: dict[str, Tensor], weights_by_rank: list[dict[str, Tensor]]) -> float:
     """Max over tensors of ||w - ref|| / ||ref||; every reference tensor must be held by some rank."""
     weight_diff, worst = 0.0, ""

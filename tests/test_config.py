@@ -106,14 +106,21 @@ def test_memory_estimate_counts_the_kept_fp8_weight_blocks() -> None:
     assert b["routed_experts"] + b["attention"] < kept < b["main_total"] + b["mtp_total"] - b["embedding"]
     assert cfg.memory_estimate(world_size=1)["weights"] == pytest.approx(plain["weights"] + kept / 1024**3)
     cfg.training.fp8_exclude = ["embed", "head", "gate", "experts"]  # routed experts in bf16: not kept
-    assert 0 < fp8_weight_cache_bytes(cfg, 1) <= kept - b["routed_experts"]
+    dense = fp8_weight_cache_bytes(cfg, 1)
+    assert 0 < dense <= kept - b["routed_experts"]
     cfg.training.fp8_exclude = ["embed", "head", "gate"]
     cfg.training.global_batch_size = 2  # one micro-batch: nothing kept
     assert fp8_weight_cache_bytes(cfg, 1) == 0
     cfg.training.global_batch_size, cfg.training.fp8_recipe = 8, "rowwise"
     assert fp8_weight_cache_bytes(cfg, 1) == 0
     cfg.training.fp8_recipe = "blockwise"
-    assert fp8_weight_cache_bytes(cfg, 4) == 0  # the distributed plan keeps none
+    cfg.training.global_batch_size = 16  # EP 4 (ZeRO 1), 2 micro-batches per rank: a quarter of the experts
+    cfg.parallel.expert_parallel_size = 4
+    assert fp8_weight_cache_bytes(cfg, 4) == pytest.approx(dense + (kept - dense) / 4)
+    cfg.parallel.zero_stage = 3  # FSDP2 layouts keep none
+    assert fp8_weight_cache_bytes(cfg, 4) == 0
+    cfg.parallel.zero_stage, cfg.parallel.tensor_parallel_size, cfg.parallel.expert_parallel_size = 1, 4, 1
+    assert fp8_weight_cache_bytes(cfg, 4) == 0  # nor tensor-parallel ones
 
 
 def field_docs(cls: type) -> dict[str, str]:

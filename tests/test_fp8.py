@@ -299,6 +299,32 @@ def test_fp8_under_expert_parallel_and_zero3() -> None:
     assert loss_diff < 0.01 and norm_diff < 0.05, (loss_diff, norm_diff)
 
 
+@pytest.mark.parametrize("layout", [{"expert_parallel_size": 2, "zero_stage": 1},
+                                    {"expert_parallel_size": 2, "zero_stage": 3}], ids=["ep2-zero1", "ep2-zero3"])
+def test_fp8_weight_reuse_under_expert_parallel(layout: dict) -> None:
+    """EP2 on two gloo ranks, two micro-batches per rank and step (blockwise, emulated): with ZeRO 1
+    the later micro-batches take the kept weight blocks and losses, gradient norms and weights are
+    bit for bit those of LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0; with ZeRO 3 (FSDP2) nothing is kept."""
+    import warnings
+
+    from dist_utils import fp8_reuse_run, run_distributed, tiny_run_config
+
+    cfg = tiny_run_config(parallel=layout, steps_batch=8, micro_batch_size=2,
+                          model={"moe.expert_intermediate_size": 128})
+    cfg.training.use_fp8, cfg.training.fp8_recipe = True, "blockwise"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        on, off = (run_distributed(fp8_reuse_run, 2, cfg, 2, reuse, timeout_s=180) for reuse in (True, False))
+    for (hist_on, w_on, _, info_on), (hist_off, w_off, _, info_off) in zip(on, off, strict=True):
+        assert hist_on == hist_off
+        assert w_on.keys() == w_off.keys() and all(torch.equal(w_on[k], w_off[k]) for k in w_on)
+        assert info_off["entries"] == info_off["reused"] == 0
+        if layout["zero_stage"] < 2:
+            assert info_on["entries"] > 0 and info_on["reused"] > 0, info_on
+        else:
+            assert info_on["entries"] == info_on["reused"] == 0, info_on
+
+
 @pytest.mark.skipif(not has_triton, reason="triton is not installed")
 def test_triton_grouped_kernels_match_emulation_interpreted() -> None:
     """The Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (a fresh process: the

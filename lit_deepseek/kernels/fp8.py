@@ -70,9 +70,10 @@ hold about 1 byte per blockwise FP8 weight parameter plus one float32 scale per 
 replaced, so that CUDA graphs (the first micro-batch's graph, captured in "fill", writes them at each
 replay; the later micro-batches' graph reads them) stay valid. `tests/test_fp8.py` checks the steps
 bit for bit against LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0 on CPU and, under CUDA graphs, within the FP8
-bounds on a GPU. `lit_deepseek.parallel.plan.DistributedPlan` keeps the phase "off" (FSDP2 frees and
-refills the unsharded parameters' storage around each forward and backward, which this key was not
-checked against, and pipeline schedules interleave micro-batches). LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0
+bounds on a GPU. `lit_deepseek.parallel.plan.DistributedPlan` does the same on layouts of plain
+local weights (TP 1, PP 1, ZeRO 0 or 1, any EP and DP) and keeps the phase "off" on the others
+(FSDP2 frees and refills the unsharded parameters' storage around each forward and backward, which
+this key was not checked against, and pipeline schedules interleave micro-batches). LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0
 keeps every phase "off" (the reference path; use it when the kept bytes do not fit). The row-wise
 recipe quantizes at every call.
 """
@@ -303,6 +304,12 @@ def fp8_weight_reuse(phase: str) -> Iterator[None]:
         yield
     finally:
         _weight_phase = previous
+
+
+def micro_batch_reuse(index: int, count: int) -> Any:
+    """`fp8_weight_reuse` for micro-batch `index` of a step of `count`: "fill" for the first of
+    several, "reuse" for the others, "off" for a step of one (nothing kept)."""
+    return fp8_weight_reuse("off" if count == 1 else "fill" if index == 0 else "reuse")
 
 
 def clear_fp8_weight_cache() -> None:

@@ -8,9 +8,12 @@ Exactness: every rank scales its micro-batch losses by 1 / (micro-batches in the
 and all gradient reductions are sums, so the summed gradients equal those of the single-process
 run that accumulates the whole global batch.
 
-FP8 weight reuse (`lit_deepseek.kernels.fp8.fp8_weight_reuse`, on in `LocalPlan`) stays off here:
-every micro-batch quantizes its weights, since FSDP2 frees and refills the unsharded parameters
-around each pass and pipeline schedules interleave the micro-batches' passes.
+FP8 weight reuse across micro-batches (`lit_deepseek.kernels.fp8.micro_batch_reuse`, as in
+`LocalPlan`) applies to layouts whose weights are plain local tensors: TP 1, no pipeline, ZeRO 0 or 1
+(expert parallelism keeps each rank's experts as plain tensors). Under TP the weights are DTensors,
+which are never kept; under ZeRO 2/3 FSDP2 frees and refills the unsharded parameters around each
+pass, and pipeline schedules interleave the micro-batches' passes, so those layouts quantize every
+weight in every micro-batch.
 """
 
 from __future__ import annotations
@@ -107,12 +110,15 @@ class DistributedPlan:
         if self.pipeline is not None:
             local = self.pipeline.forward_backward(micro_batches, loss_fn, scale)
         else:
+            from lit_deepseek.kernels.fp8 import fp8_weight_reuse, micro_batch_reuse
+
             set_aux_loss_grad_scale(self.model_parts(model), scale)
+            plain = self.layout.tp == 1 and self.layout.zero_stage < 2  # weights are plain local tensors
             losses = []
             for i, mb in enumerate(micro_batches):
                 if i == n - 1:
                     self._arm_grad_sync()
-                with self._loss_context():
+                with self._loss_context(), micro_batch_reuse(i, n) if plain else fp8_weight_reuse("off"):
                     h, mtp = model(mb["input_ids"], doc_ids=mb.get("doc_ids"), return_hidden=True)
                     parts = loss_fn(model, h, mtp, mb["labels"])
                     backward(parts.total * scale)

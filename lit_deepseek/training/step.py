@@ -170,7 +170,7 @@ class LocalPlan:
         set_aux_loss_grad_scale([model], 1.0 / n)
         backward = backward or (lambda loss: loss.backward())
 
-        from lit_deepseek.kernels.fp8 import fp8_weight_reuse
+        from lit_deepseek.kernels.fp8 import micro_batch_reuse
 
         position = 0  # of the next micro_step call within this step
 
@@ -181,9 +181,9 @@ class LocalPlan:
             # captured in "fill" (its replays rewrite the kept blocks in place) and the later ones' in
             # "reuse" (their replays read them).
             nonlocal position
-            phase = "off" if n == 1 else "fill" if position == 0 else "reuse"
+            reuse = micro_batch_reuse(position, n)
             position += 1
-            with fp8_weight_reuse(phase):
+            with reuse:
                 h, mtp = model(mb["input_ids"], doc_ids=mb.get("doc_ids"), return_hidden=True)
                 parts = loss_fn(model, h, mtp, mb["labels"])
                 backward(parts.total / n)
