@@ -1152,6 +1152,16 @@ def test_kept_weight_blocks_key_on_the_tensor_object_and_its_version(monkeypatch
         q2, s2 = fp8.weight_blocks(w)
         assert all(torch.equal(a, b) for a, b in zip((bits(q2), s2), fresh(w), strict=True))
     assert fp8.fp8_weight_cache_info()["entries"] == 2  # w and its twin; w.T's blocks are w's transposed
+    # blocks of an earlier step's fill never serve a later step, even for a weight changed without a
+    # version bump (as fused AdamW does) and left untouched by the later step's first micro-batch
+    with fp8.fp8_weight_reuse("fill"):
+        fp8.weight_blocks(twin)
+    version = w._version
+    w.data.mul_(0.5)
+    assert w._version == version
+    with fp8.fp8_weight_reuse("reuse"):
+        q3, s3 = fp8.weight_blocks(w)
+        assert all(torch.equal(a, b) for a, b in zip((bits(q3), s3), fresh(w), strict=True))
     with fp8.fp8_weight_reuse("off"):
         fp8.weight_blocks(torch.randn(128, 128))
     del w, twin

@@ -48,7 +48,8 @@ side), which follows the phase set by `fp8_weight_reuse(phase)`:
 * "off" (the default): quantize at every call, keep nothing;
 * "fill": quantize each weight's forward blocks and keep them (one entry per weight or gate/up
   pair); the backward of the same micro-batch takes them too;
-* "reuse": return the kept blocks when they are valid, else quantize and keep.
+* "reuse": return the kept blocks when they are valid and were written by the latest "fill" (this
+  step's first micro-batch), else quantize and keep.
 
 Only the forward blocks are kept: the input gradient's blocks of w.T are the kept ones transposed
 (`_transposed_blocks`, one byte read and written per element, bit for bit the quantization of w.T),
@@ -338,11 +339,14 @@ def _kept_blocks(weights: tuple[Tensor, ...], quantize: Any) -> tuple[Tensor, Te
     entry = _kept.get(key)
     capturing = _capturing(weights[0])
     valid = entry is not None and entry.matches(weights)
-    # Valid blocks serve every call of "reuse", and the backward of the "fill" that wrote them. Blocks
-    # written while a CUDA graph was captured hold data only once that graph has replayed: a graph
-    # captured later reads them (the later micro-batches' graph, after the first one's replay), or
-    # the same capture (the first micro-batch's backward), never an eager call.
-    if valid and (phase == "reuse" or entry.fill == _fill_count) and (capturing or not entry.captured):
+    # Valid blocks written by the latest "fill" (the first micro-batch of this step) serve its own
+    # backward and the "reuse" of the later micro-batches; blocks of an earlier step never do, even
+    # for a weight the first micro-batch left untouched (an optimizer step may have changed it
+    # without a version bump). Blocks written while a CUDA graph was captured hold data only once
+    # that graph has replayed: a graph captured later reads them (the later micro-batches' graph,
+    # after the first one's replay), or the same capture (the first micro-batch's backward), never
+    # an eager call.
+    if valid and entry.fill == _fill_count and (capturing or not entry.captured):
         _weight_cache_counts["hits"] += 1
         _weight_cache_counts["reused"] += phase == "reuse"
         return entry.q, entry.s
