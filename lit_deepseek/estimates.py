@@ -294,4 +294,8 @@ def summary(cfg: DeepSeekConfig, world_size: Optional[int] = None) -> str:
     ]
     for k in ("weights", "gradients", "optimizer", "activations", "total"):
         lines.append(f"  {k:<16} {mem[k]:.1f}")
+        kept = fp8_weight_cache_bytes(cfg, world_size) / _GIB if k == "weights" else 0.0
+        if kept:
+            lines.append(f"    of which {kept:.1f} FP8 weight blocks kept across micro-batches "
+                         "(LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0 drops them)")
     return "\n".join(lines)

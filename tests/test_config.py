@@ -105,6 +105,7 @@ def test_memory_estimate_counts_the_kept_fp8_weight_blocks() -> None:
     b = cfg.param_breakdown()
     assert b["routed_experts"] + b["attention"] < kept < b["main_total"] + b["mtp_total"] - b["embedding"]
     assert cfg.memory_estimate(world_size=1)["weights"] == pytest.approx(plain["weights"] + kept / 1024**3)
+    assert f"of which {kept / 1024**3:.1f} FP8 weight blocks kept" in cfg.summary(world_size=1)
     cfg.training.fp8_exclude = ["embed", "head", "gate", "experts"]  # routed experts in bf16: not kept
     dense = fp8_weight_cache_bytes(cfg, 1)
     assert 0 < dense <= kept - b["routed_experts"]
