@@ -193,7 +193,6 @@ def row_config(row: Row) -> Any:
 
 
 def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float) -> dict[str, Any]:
-
     run_dir = work / row.name
     work.mkdir(parents=True, exist_ok=True)
     cmd = fit_command(row, run_dir, steps, warmup)

@@ -365,11 +365,11 @@ def speed(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> l
         micro = args.large_micro if config == "large" else per_step
         for variant in args.recipes.split(","):
             # -noreuse: LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0; -nograph: no CUDA graphs
-            base = variant.removesuffix("-noreuse")
-            fp8, recipe, wgrad, experts = VARIANTS[base.removesuffix("-nograph")]
+            spec = variant.removesuffix("-noreuse")
+            fp8, recipe, wgrad, experts = VARIANTS[spec.removesuffix("-nograph")]
             row = bench_fit.Row(name, 4096, micro=micro, global_batch=per_step, fp8=fp8, fp8_recipe=recipe,
-                                expert_wgrad=wgrad, fp8_experts=experts, graphs=not base.endswith("-nograph"),
-                                fp8_reuse=base == variant)
+                                expert_wgrad=wgrad, fp8_experts=experts, graphs=not spec.endswith("-nograph"),
+                                fp8_reuse=spec == variant)
             left = deadline - time.time()
             if left < 90:
                 lines.append(f"| {config} | {row.name} | skipped (budget) | | | |")
