@@ -74,6 +74,14 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, data_paral
     return global_batch_size // per_step
 
 
+def plain_local_weights(tp: int, pp: int, zero_stage: int) -> bool:
+    """Whether every rank's weights are plain local tensors that live through the whole step: no
+    tensor parallelism (DTensors), no pipeline (interleaved micro-batches) and ZeRO 0 or 1 (FSDP2 frees
+    and refills unsharded parameters at stages 2 and 3). FP8 weight reuse across micro-batches
+    (`lit_deepseek.kernels.fp8.micro_batch_reuse`) applies only then."""
+    return tp == 1 and pp == 1 and zero_stage < 2
+
+
 @dataclass(frozen=True)
 class Layout:
     """Every number derived from the ``parallel`` and ``training`` sections and the world size."""

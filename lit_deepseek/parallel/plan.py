@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lit_deepseek.config import DeepSeekConfig, TrainingConfig
-from lit_deepseek.parallel.layout import Layout
+from lit_deepseek.parallel.layout import Layout, plain_local_weights
 from lit_deepseek.parallel.parallelize import ParallelModel, parallelize
 from lit_deepseek.parallel.zero import (
     GradientSync,
@@ -113,7 +113,7 @@ class DistributedPlan:
             from lit_deepseek.kernels.fp8 import fp8_weight_reuse, micro_batch_reuse
 
             set_aux_loss_grad_scale(self.model_parts(model), scale)
-            plain = self.layout.tp == 1 and self.layout.zero_stage < 2  # weights are plain local tensors
+            plain = plain_local_weights(self.layout.tp, self.layout.pp, self.layout.zero_stage)
             losses = []
             for i, mb in enumerate(micro_batches):
                 if i == n - 1:
