@@ -52,7 +52,7 @@ side), which follows the phase set by `fp8_weight_reuse(phase)`:
   step's first micro-batch), else quantize and keep.
 
 Only the forward blocks are kept: the input gradient's blocks of w.T are the kept ones transposed
-(`_transposed_blocks`, one byte read and written per element, bit for bit the quantization of w.T),
+(`transposed_blocks`, one byte read and written per element, bit for bit the quantization of w.T),
 so outside "off" each weight is quantized once per step instead of twice per micro-batch.
 `lit_deepseek.training.step.LocalPlan` runs the first micro-batch of a step of several (forward and
 backward) in "fill" and the others in "reuse"; a step of one micro-batch stays "off". An entry is
@@ -254,10 +254,13 @@ class _WeightBlocks:
         self.metas = tuple(_weight_meta(w) for w in weights)
         self.q, self.s, self.captured, self.fill = q, s, captured, _fill_count
 
+    def holds(self, weights: tuple[Tensor, ...]) -> bool:
+        """Whether it was filled from these very tensor objects."""
+        return len(weights) == len(self.refs) and all(r() is w for r, w in zip(self.refs, weights, strict=True))
+
     def matches(self, weights: tuple[Tensor, ...]) -> bool:
-        return (len(weights) == len(self.refs)
-                and all(r() is w for r, w in zip(self.refs, weights, strict=True))
-                and all(_weight_meta(w) == m for w, m in zip(weights, self.metas, strict=True)))
+        """Whether its blocks are those of `weights` as they are now (same objects, shapes, versions)."""
+        return self.holds(weights) and all(_weight_meta(w) == m for w, m in zip(weights, self.metas, strict=True))
 
 
 _kept: dict[tuple, _WeightBlocks] = {}
@@ -357,9 +360,7 @@ def _kept_blocks(weights: tuple[Tensor, ...], quantize: Any) -> tuple[Tensor, Te
     # and the later micro-batches' graph reads them, so they must stay allocated, at the same
     # addresses, for as long as the graphs can replay. A new entry (a weight seen for the first
     # time, or a shape change) keeps the fresh tensors; an entry goes only when its weight is freed.
-    same = (entry is not None and len(entry.refs) == len(weights)
-            and all(r() is w for r, w in zip(entry.refs, weights, strict=True)))
-    if same and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+    if entry is not None and entry.holds(weights) and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
                     for a, b in ((entry.q, q), (entry.s, s))):
         entry.q.copy_(q)
         entry.s.copy_(s)
@@ -370,10 +371,11 @@ def _kept_blocks(weights: tuple[Tensor, ...], quantize: Any) -> tuple[Tensor, Te
     return q, s
 
 
-def _transposed_blocks(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+def transposed_blocks(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """The blocks of w.T from those of w: a 128x128 block stays a block under transposition, with
     the same scale, so transposing blocks and scales gives `quantize_128x128(w.transpose(-2, -1))`
-    bit for bit (one byte read and written per element, against four read to quantize anew)."""
+    bit for bit (one byte read and written per element, against four read to quantize anew). The
+    weight reuse and the Triton quantizer of a transposed view both take this path."""
     qt = q.view(torch.uint8).transpose(-2, -1).contiguous().view(E4M3)
     return qt, s.transpose(-2, -1).contiguous()
 
@@ -389,7 +391,7 @@ def weight_blocks(w: Tensor, transposed: bool = False) -> tuple[Tensor, Tensor]:
     if not _reusing((w,)):
         return _q_128x128(w.transpose(-2, -1) if transposed else w)
     q, s = _kept_blocks((w,), lambda: _q_128x128(w))
-    return _transposed_blocks(q, s) if transposed else (q, s)
+    return transposed_blocks(q, s) if transposed else (q, s)
 
 
 def _gate_up_blocks(w1: Tensor, w3: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
@@ -405,7 +407,7 @@ def _gate_up_blocks(w1: Tensor, w3: Tensor, transposed: bool) -> tuple[Tensor, T
     if not _reusing((w1, w3)):
         return quantize(transposed)
     q, s = _kept_blocks((w1, w3), lambda: quantize(False))
-    return _transposed_blocks(q, s) if transposed else (q, s)
+    return transposed_blocks(q, s) if transposed else (q, s)
 
 
 def _aligned(*dims: int) -> bool:

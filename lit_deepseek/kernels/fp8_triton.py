@@ -366,8 +366,9 @@ def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
     the same blocks and scales; on an H200 (Triton 3.6) the in-place strided read gave wrong bits for
     w.t() of [512, 1024], [576, 640] and [2048, 1408] while [72, 200] and [300, 200] were right."""
     if w.dim() >= 2 and w.stride(-1) != 1 and w.transpose(-2, -1).is_contiguous():
-        q, s = quantize_128x128(w.transpose(-2, -1))
-        return q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous()
+        from lit_deepseek.kernels.fp8 import transposed_blocks
+
+        return transposed_blocks(*quantize_128x128(w.transpose(-2, -1)))
     if w.stride(-1) != 1:
         w = w.contiguous()
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
