@@ -1096,12 +1096,13 @@ def test_weight_reuse_over_micro_batches_is_bit_identical(monkeypatch: pytest.Mo
     assert info_off == {"entries": 0, "bytes": 0, "hits": 0, "reused": 0, "misses": 0}
 
 
-def test_weights_changed_by_an_optimizer_step_are_quantized_again() -> None:
+def test_weights_changed_by_an_optimizer_step_are_quantized_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fused AdamW writes the weights without bumping their version counters: the next step's first
     micro-batch quantizes them anew, so its gradients are those of a fresh copy of the updated
     model run without the reuse."""
     model = _reuse_model()
     fp8.clear_fp8_weight_cache()
+    monkeypatch.setenv("LIT_DEEPSEEK_FP8_WEIGHT_CACHE", "1")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     _reuse_step(model, _reuse_batch(0))
     before = [p.detach().clone() for p in model.parameters()]
@@ -1110,11 +1111,8 @@ def test_weights_changed_by_an_optimizer_step_are_quantized_again() -> None:
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     fresh = copy.deepcopy(model)  # new parameter objects: nothing kept applies to them
     loss, grads = _reuse_step(model, _reuse_batch(1))
-    os.environ["LIT_DEEPSEEK_FP8_WEIGHT_CACHE"] = "0"
-    try:
-        loss_ref, grads_ref = _reuse_step(fresh, _reuse_batch(1))
-    finally:
-        del os.environ["LIT_DEEPSEEK_FP8_WEIGHT_CACHE"]
+    monkeypatch.setenv("LIT_DEEPSEEK_FP8_WEIGHT_CACHE", "0")
+    loss_ref, grads_ref = _reuse_step(fresh, _reuse_batch(1))
     assert torch.equal(loss, loss_ref) and _same_grads(grads, grads_ref)
 
 
