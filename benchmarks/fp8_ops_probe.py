@@ -163,7 +163,9 @@ def experts_product(k: int, n: int, offsets: torch.Tensor) -> None:
 
 #: launch configurations swept by --tiles, the default first: grouped_mm_t (block_m, warps, stages)
 #: and grouped_wgrad (block_k, warps, stages)
-MM_T_TILES = ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 4), (128, 4, 3))
+#: (block_m, warps, stages[, block_n]) of `grouped_mm_t`, the default first
+MM_T_TILES = ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3, 256), (128, 8, 4, 256),
+              (64, 4, 3, 256), (64, 8, 3, 256))
 WGRAD_TILES = ((256, 8, 3), (128, 8, 3), (128, 8, 4), (128, 4, 3), (256, 8, 4), (128, 8, 2))
 
 
@@ -191,14 +193,14 @@ def tiles() -> None:
               partial(fp8_triton.grouped_wgrad, gq, sg, xq_t, sx_t, offsets), flops, bf_wgrad)
 
 
-def sweep(label: str, tile_name: str, configs: tuple[tuple[int, int, int], ...], kernel: Callable[..., torch.Tensor],
+def sweep(label: str, tile_name: str, configs: tuple[tuple[int, ...], ...], kernel: Callable[..., torch.Tensor],
           flops: int, bf16_ms: float) -> None:
     """Time kernel(tile, warps, stages) for each configuration; the first one's output is the reference."""
     ref = None
-    for tile, warps, stages in configs:
-        name = f"tiles {label} {tile_name}={tile} warps={warps} stages={stages}"
+    for tile, warps, stages, *more in configs:
+        name = f"tiles {label} {tile_name}={tile} warps={warps} stages={stages}" + "".join(f" block_n={n}" for n in more)
         try:
-            fn = partial(kernel, tile, warps, stages)
+            fn = partial(kernel, tile, warps, stages, *more)
             out = fn().float()
             ref = out if ref is None else ref
             ms = bench(fn, 5)

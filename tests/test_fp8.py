@@ -348,6 +348,11 @@ assert o2[1].abs().sum() == 0
 # another launch configuration (the probe's tile sweep) computes the same products
 assert torch.allclose(grouped_wgrad(gq, sg, xq2, sx2, off, 128, 4, 2), o2, rtol=1e-6, atol=1e-6)
 assert torch.allclose(grouped_mm_t(xq, sx, wq, sw, off, 64, 8, 4).float(), out.float(), rtol=1e-2, atol=1e-6)
+# 256 output columns per program (two weight blocks, a scale per column) against the emulation
+wq2, sw2 = fp8.quantize_128x128(torch.randn(4, 400, 200) * 0.1 * torch.linspace(0.1, 10, 400)[:, None])
+wide, ref2 = grouped_mm_t(xq, sx, wq2, sw2, off, 64, 4, 3, 256), fp8.blockwise_grouped_mm_t(xq, sx, wq2, sw2, off, True)
+assert wide.shape == ref2.shape == (m + 5, 512) and ((wide.float() - ref2).norm() / ref2.norm()).item() < 1e-2
+assert torch.allclose(wide.float(), grouped_mm_t(xq, sx, wq2, sw2, off, 64, 4, 3, 128).float(), rtol=1e-2, atol=1e-6)
 # the Triton quantizers give the same bits with column-major scales: the kernels take any scale strides
 from lit_deepseek.kernels import fp8_triton
 tq, ts = fp8_triton.quantize_1x128(x)
@@ -823,15 +828,16 @@ def test_fp8_model_step_close_to_bf16_mixed_on_gpu(recipe: str, compiled: bool) 
 @pytest.mark.gpu
 @block_fp8_gpu
 @pytest.mark.skipif(not has_triton, reason="triton is not installed")
-@pytest.mark.parametrize("block_m", [64, 128])
-def test_triton_grouped_kernel_tile_sizes_match_emulation(block_m: int) -> None:
+@pytest.mark.parametrize("block_m,block_n,n", [(64, 128, 576), (128, 128, 576), (64, 256, 700), (128, 256, 700)])
+def test_triton_grouped_kernel_tile_sizes_match_emulation(block_m: int, block_n: int, n: int) -> None:
     from lit_deepseek.kernels.fp8_triton import grouped_mm_t
 
     counts = torch.tensor([129, 0, 700, 1, 300], device="cuda")
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     xq, sx = quantize_1x128(torch.randn(int(counts.sum()), 640, device="cuda"))
-    wq, sw = quantize_128x128(torch.randn(5, 576, 640, device="cuda"))
-    out = grouped_mm_t(xq, sx, wq, sw, offsets, block_m=block_m)
+    # column blocks of different magnitudes: a 256-column program must apply each block's own scale
+    wq, sw = quantize_128x128(torch.randn(5, n, 640, device="cuda") * torch.linspace(0.1, 10, n, device="cuda")[:, None])
+    out = grouped_mm_t(xq, sx, wq, sw, offsets, block_m=block_m, block_n=block_n)
     ref = blockwise_grouped_mm_t(xq, sx, wq, sw, offsets, emulate=True)
     assert rel(out, ref) < KERNEL_VS_EMULATION
 

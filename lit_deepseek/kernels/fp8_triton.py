@@ -67,8 +67,12 @@ def _grouped_mm_t_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_end_ptr, E
             a = tl.load(a_ptr + rows_in[:, None] * stride_am + kk[None, :]).to(tl.float8e4nv, bitcast=True)
             b = tl.load(b_ptr + g * stride_be + cols[:, None] * stride_bn + kk[None, :]).to(tl.float8e4nv, bitcast=True)
             sa = tl.load(sa_ptr + rows_in * stride_sam + kt * stride_sak)
-            sb = tl.load(sb_ptr + g * stride_sbe + pid_n * stride_sbn + kt)
-            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
+            if BLOCK_N == 128:  # one weight block: one scale
+                sb = tl.load(sb_ptr + g * stride_sbe + pid_n * stride_sbn + kt)
+                acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
+            else:  # several 128-row weight blocks side by side: a scale per column
+                sb = tl.load(sb_ptr + g * stride_sbe + (cols // 128) * stride_sbn + kt)
+                acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(tl.bfloat16), mask=keep[:, None])
 
 
@@ -123,10 +127,12 @@ def _grouped_wgrad_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, offs_ptr, strid
 
 
 def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor,
-                 block_m: Optional[int] = None, num_warps: Optional[int] = None, num_stages: int = 3) -> Tensor:
+                 block_m: Optional[int] = None, num_warps: Optional[int] = None, num_stages: int = 3,
+                 block_n: int = BLOCK) -> Tensor:
     """aq [M, Kp] e4m3 (1x128 scales sa [M, Kp/128]) with rows sorted by group; bq [E, Np, Kp] e4m3
     (128x128 scales sb [E, Np/128, Kp/128]) -> bf16 [M, Np], rows past offsets[-1] are zero.
-    block_m: rows per program; None = 128 when groups average >= 256 rows, else 64. num_warps
+    block_m: rows per program; None = 128 when groups average >= 256 rows, else 64. block_n: output
+    columns per program, 128 or 256 (256 only where Np is a multiple of it, else 128). num_warps
     (None: 8 for 128 rows, else 4) and num_stages: the launch's; `benchmarks/fp8_ops_probe.py --tiles`
     times the alternatives."""
     m, kp = aq.shape
@@ -139,11 +145,15 @@ def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor
     a, b = aq.contiguous().view(torch.uint8), bq.contiguous().view(torch.uint8)
     sb = sb.contiguous()  # sa: any strides (the Triton quantizers write it column-major)
     # a static bound of the row tiles (each group may start one more), so no host sync on the counts
-    n_blocks = np_ // BLOCK
+    if block_n not in (BLOCK, 2 * BLOCK):
+        raise ValueError(f"grouped_mm_t: block_n must be {BLOCK} or {2 * BLOCK}, got {block_n}")
+    if np_ % block_n:
+        block_n = BLOCK
+    n_blocks = np_ // block_n
     grid = (((m + block_m - 1) // block_m + e) * n_blocks,)
     _grouped_mm_t_kernel[grid](a, sa, b, sb, out, offsets.to(torch.int32).contiguous(), e,
                                m, kp // BLOCK, a.stride(0), sa.stride(0), sa.stride(1), b.stride(0), b.stride(1), sb.stride(0),
-                               sb.stride(1), out.stride(0), n_blocks, BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK,
+                               sb.stride(1), out.stride(0), n_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK,
                                num_warps=num_warps or (8 if block_m == 128 else 4), num_stages=num_stages)
     return out
 
