@@ -31,13 +31,14 @@ import datetime
 import gc
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -110,8 +111,22 @@ def default_rows() -> list[Row]:
     return rows
 
 
+def _other_shape(name: str) -> Optional[Row]:
+    """A default row at another micro-batch split: CONFIG-sSEQ-mMICROxACC-... (e.g. the large config at
+    micro 1 x 4, which fits an 80 GB card) is the default row CONFIG-sSEQ-m?x?-... with that split."""
+    parts = name.split("-")
+    if len(parts) < 3 or not re.fullmatch(r"m\d+x\d+", parts[2]):
+        return None
+    micro, acc = (int(v) for v in parts[2][1:].split("x"))
+    for row in default_rows():
+        if row.name.split("-")[:2] + row.name.split("-")[3:] == parts[:2] + parts[3:] and not row.checkpoint_every:
+            return dataclasses.replace(row, micro=micro, global_batch=micro * acc)
+    return None
+
+
 def select_rows(wanted: list[str]) -> list[Row]:
-    """The named rows in the order asked; NAME-nograph is row NAME with `training.cuda_graphs: false`,
+    """The named rows in the order asked (a default row's name with another mMICROxACC split too, e.g.
+    large-s4096-m1x4-bf16-mixed-compile-fp8); NAME-nograph is row NAME with `training.cuda_graphs: false`,
     NAME-nocopy with `training.bf16_weight_copy: false` (both: NAME-nograph-nocopy); an FP8 row's
     NAME-noreuse (last) runs with LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0."""
     known = {r.name: r for r in default_rows()}
@@ -128,6 +143,8 @@ def select_rows(wanted: list[str]) -> list[Row]:
             graph_base, recipe = graph_base.replace("-fp8rowwise", "-fp8"), "rowwise"
         if graph_base.endswith("-fp8-ewfp8"):  # `training.fp8_expert_wgrad: fp8`
             graph_base, wgrad = graph_base.removesuffix("-ewfp8"), "fp8"
+        if graph_base not in known and (other := _other_shape(graph_base)) is not None:
+            known[graph_base] = other
         if graph_base not in known:
             raise SystemExit(f"--rows: unknown row {name!r}; rows: {', '.join(known)} (each also as NAME-nograph, "
                              "NAME-nocopy, NAME-nograph-nocopy; an fp8 row also as ...-fp8rowwise... or "
