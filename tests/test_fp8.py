@@ -967,6 +967,15 @@ for name, t in cases:
                for a, b in zip(ref, out, strict=True))
     if not same:
         bad.append(f"{{name}}{{tuple(t.shape)}}")
+# the blocks of w.T from those of w (the weight reuse's input gradient; the quantizer of a transposed
+# view): the bytes of torch's transposed copy, contiguous; shapes with partial tiles too
+for shape in [(256, 384), (3, 384, 256), (2, 200, 72), (1, 640, 384)]:
+    q = torch.randint(0, 256, shape, dtype=torch.uint8, device=dev).view(torch.float8_e4m3fn)
+    s = torch.rand(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), device=dev)
+    qt, st = fp8_triton.transposed_blocks(q, s)
+    if not (qt.is_contiguous() and qt.dtype == q.dtype and torch.equal(st, s.transpose(-2, -1))
+            and torch.equal(qt.view(torch.uint8), q.view(torch.uint8).transpose(-2, -1))):
+        bad.append(f"transposed_blocks{{shape}}")
 print(" ".join(bad) or "ok")
 """
 

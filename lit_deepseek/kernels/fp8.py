@@ -375,7 +375,13 @@ def transposed_blocks(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """The blocks of w.T from those of w: a 128x128 block stays a block under transposition, with
     the same scale, so transposing blocks and scales gives `quantize_128x128(w.transpose(-2, -1))`
     bit for bit (one byte read and written per element, against four read to quantize anew). The
-    weight reuse and the Triton quantizer of a transposed view both take this path."""
+    weight reuse and the Triton quantizer of a transposed view both take this path. On CUDA with the
+    Triton quantizers (`LIT_DEEPSEEK_FP8_QUANT`), one tiled Triton kernel moves the bytes; this torch
+    copy is the reference."""
+    if q.is_cuda and _quant_backend() == "triton":
+        from lit_deepseek.kernels import fp8_triton
+
+        return fp8_triton.transposed_blocks(q, s)
     qt = q.view(torch.uint8).transpose(-2, -1).contiguous().view(E4M3)
     return qt, s.transpose(-2, -1).contiguous()
 

@@ -369,6 +369,39 @@ def quantize_1x128_dual(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return q.view(e4m3), s, qt.view(e4m3), st
 
 
+@triton.jit
+def _transpose_kernel(src_ptr, dst_ptr, R, C, stride_sb, stride_sr, stride_db, stride_dc, C_TILES,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # one tile of one matrix: unit-stride rows read, unit-stride rows of the transpose written
+    pid, b = tl.program_id(0), tl.program_id(1)
+    rows = (pid // C_TILES) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % C_TILES) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    tile = tl.load(src_ptr + b * stride_sb + rows[:, None] * stride_sr + cols[None, :], mask=inside)
+    tl.store(dst_ptr + b * stride_db + cols[:, None] * stride_dc + rows[None, :], tl.trans(tile),
+             mask=tl.trans(inside))
+
+
+def transposed_blocks(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """`lit_deepseek.kernels.fp8.transposed_blocks` in one kernel: the blocks [..., Np, Kp] (2 or 3
+    dims) and scales of w -> those of w.transpose(-2, -1), the same bytes. torch's copy of a transposed
+    one-byte view runs its generic strided kernel (about 0.3 TB/s on an H100); this one moves 128x128
+    tiles."""
+    u = q.view(torch.uint8)
+    u3 = u if u.dim() == 3 else u.unsqueeze(0)
+    if u3.stride(-1) != 1:
+        u3 = u3.contiguous()
+    b, r, c = u3.shape
+    out = torch.empty(b, c, r, device=q.device, dtype=torch.uint8)
+    if b and r and c:
+        c_tiles = -(-c // BLOCK)
+        _transpose_kernel[(-(-r // BLOCK) * c_tiles, b)](u3, out, r, c, u3.stride(0), u3.stride(1), out.stride(0),
+                                                          out.stride(1), c_tiles, BLOCK_R=BLOCK, BLOCK_C=BLOCK,
+                                                          num_warps=8)
+    out = out.view(torch.float8_e4m3fn)
+    return (out if q.dim() == 3 else out[0]), s.transpose(-2, -1).contiguous()
+
+
 def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
     """`lit_deepseek.kernels.fp8.quantize_128x128` in one kernel: w [..., N, K] (2 or 3 dims) ->
     (e4m3 [..., Np, Kp], [..., Np/128, Kp/128]). The kernel reads unit-stride rows only: a
@@ -376,8 +409,6 @@ def quantize_128x128(w: Tensor) -> tuple[Tensor, Tensor]:
     the same blocks and scales; on an H200 (Triton 3.6) the in-place strided read gave wrong bits for
     w.t() of [512, 1024], [576, 640] and [2048, 1408] while [72, 200] and [300, 200] were right."""
     if w.dim() >= 2 and w.stride(-1) != 1 and w.transpose(-2, -1).is_contiguous():
-        from lit_deepseek.kernels.fp8 import transposed_blocks
-
         return transposed_blocks(*quantize_128x128(w.transpose(-2, -1)))
     if w.stride(-1) != 1:
         w = w.contiguous()
