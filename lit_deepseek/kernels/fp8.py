@@ -875,7 +875,7 @@ def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any
                       bf16_wgrad: Optional[Any] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw1, dw3) for the output gradient g [M, 2N]: one input-gradient product contracting over
     both weights (2N), one weight-gradient product wgrad(gq, sg, xq, sx) per weight; or, given
-    bf16_wgrad(g, x) -> [..., 2N, K], one unquantized product for both weights' gradients."""
+    bf16_wgrad(g, x) -> [..., N, K], one unquantized product per weight's half of g."""
     n, k = w1.shape[-2:]
     g = g.contiguous()
     gq, sg, *tiled_t = _q_1x128_dual(g) if bf16_wgrad is None else _q_1x128(g)
@@ -883,9 +883,9 @@ def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any
     if bf16_wgrad is None:
         (gq_t, sg_t), (xq_t, sx_t) = tiled_t, _q_1x128_t(x)
         dw1, dw3 = (wgrad(gq_t[rows], sg_t[rows], xq_t, sx_t) for rows in (slice(0, n), slice(n, 2 * n)))
-    else:
-        dw = bf16_wgrad(g.bfloat16(), x.bfloat16())
-        dw1, dw3 = dw[..., :n, :], dw[..., n:, :]
+    else:  # one product per weight: each gradient is written contiguous (slicing [..., 2N, K] would copy both)
+        gb, xb = g.bfloat16(), x.bfloat16()
+        dw1, dw3 = (bf16_wgrad(gb[:, cols], xb) for cols in (slice(0, n), slice(n, 2 * n)))
     return _fresh(dx, k, x.dtype), _fresh(dw1, k, w1.dtype), _fresh(dw3, k, w3.dtype)
 
 
