@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -209,6 +210,13 @@ def row_config(row: Row) -> Any:
         "model.mla.max_context_length": max(row.seq, 8192)}, validate=False)
 
 
+def row_estimate_gib(row: Row, cfg: Any) -> float:
+    """`lit-deepseek summary`'s memory estimate of the row, under the row's environment (a -noreuse
+    row keeps no FP8 weight blocks)."""
+    with mock.patch.dict(os.environ, row.env):
+        return cfg.memory_estimate(world_size=1)["total"]
+
+
 def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float) -> dict[str, Any]:
     run_dir = work / row.name
     work.mkdir(parents=True, exist_ok=True)
@@ -244,7 +252,7 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
         "startup_s": stamps[0] - t_launch - logged[0] * statistics.median(step_times), "wall_s": wall_s,
         "loss_first": losses[0].value, "loss_last": losses[-1].value,
         "peak_gib": max((m.value for m in hist["train/max_memory_gib"]), default=float("nan")),
-        "estimate_gib": cfg.memory_estimate(world_size=1)["total"],
+        "estimate_gib": row_estimate_gib(row, cfg),
         "compiled_graphs": [m.value for m in hist["train/compiled_graphs"]],
         "cuda_graphs": [m.value for m in hist["train/cuda_graphs"]],
         "step_s_median": statistics.median(step_times),

@@ -164,12 +164,14 @@ def fp8_weight_cache_bytes(cfg: DeepSeekConfig, world_size: Optional[int] = None
     scales, one per 128x128 block, are negligible); `lit_deepseek.kernels.fp8`, "Weight reuse". FP8
     weights are those of the default training.fp8_exclude (all but the embedding, head and router),
     less the routed experts when a pattern of it matches "experts"; a rank holds 1/EP of the routed
-    experts. Other layouts keep none."""
+    experts. Other layouts keep none, and so does LIT_DEEPSEEK_FP8_WEIGHT_CACHE=0."""
+    from lit_deepseek.kernels.fp8 import weight_reuse_enabled
     from lit_deepseek.parallel.layout import layout_degrees, plain_local_weights
 
     t = cfg.training
     tp, pp, ep, dp = layout_degrees(cfg.parallel, world_size)
-    if not (t.use_fp8 and t.fp8_recipe == "blockwise") or not plain_local_weights(tp, pp, cfg.parallel.zero_stage):
+    if not (t.use_fp8 and t.fp8_recipe == "blockwise" and weight_reuse_enabled()) or \
+            not plain_local_weights(tp, pp, cfg.parallel.zero_stage):
         return 0.0
     if t.global_batch_size < 2 * t.micro_batch_size * ep * dp:  # one micro-batch per step: nothing kept
         return 0.0

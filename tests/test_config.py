@@ -91,7 +91,7 @@ def test_memory_estimate_shrinks_with_zero_and_parallelism() -> None:
         assert mem["total"] == pytest.approx(mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"])
 
 
-def test_memory_estimate_counts_the_kept_fp8_weight_blocks() -> None:
+def test_memory_estimate_counts_the_kept_fp8_weight_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """One process, blockwise FP8, several micro-batches per step: the weights grow by about 1 byte per
     FP8 weight parameter (the blocks of w kept across the micro-batches)."""
     from lit_deepseek.estimates import fp8_weight_cache_bytes
@@ -106,6 +106,9 @@ def test_memory_estimate_counts_the_kept_fp8_weight_blocks() -> None:
     assert b["routed_experts"] + b["attention"] < kept < b["main_total"] + b["mtp_total"] - b["embedding"]
     assert cfg.memory_estimate(world_size=1)["weights"] == pytest.approx(plain["weights"] + kept / 1024**3)
     assert f"of which {kept / 1024**3:.1f} FP8 weight blocks kept" in cfg.summary(world_size=1)
+    monkeypatch.setenv("LIT_DEEPSEEK_FP8_WEIGHT_CACHE", "0")  # the reuse switched off: nothing kept
+    assert fp8_weight_cache_bytes(cfg, 1) == 0 and cfg.memory_estimate(world_size=1)["weights"] == plain["weights"]
+    monkeypatch.delenv("LIT_DEEPSEEK_FP8_WEIGHT_CACHE")
     cfg.training.fp8_exclude = ["embed", "head", "gate", "experts"]  # routed experts in bf16: not kept
     dense = fp8_weight_cache_bytes(cfg, 1)
     assert 0 < dense <= kept - b["routed_experts"]

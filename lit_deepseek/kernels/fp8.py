@@ -284,7 +284,7 @@ def _forget(key: tuple, ref: weakref.ref) -> None:
         del _kept[key]
 
 
-def _weight_cache_enabled() -> bool:
+def weight_reuse_enabled() -> bool:
     """LIT_DEEPSEEK_FP8_WEIGHT_CACHE = 1 (the default: micro-batches 2..n of a step reuse the first's
     weight blocks) or 0 (every call quantizes: the reference path)."""
     value = os.environ.get("LIT_DEEPSEEK_FP8_WEIGHT_CACHE", "1")
@@ -301,7 +301,7 @@ def fp8_weight_reuse(phase: str) -> Iterator[None]:
     global _weight_phase, _fill_count
     if phase not in WEIGHT_CACHE_PHASES:
         raise ValueError(f"fp8_weight_reuse: phase must be one of {', '.join(WEIGHT_CACHE_PHASES)}, got {phase!r}")
-    previous, _weight_phase = _weight_phase, phase if _weight_cache_enabled() else "off"
+    previous, _weight_phase = _weight_phase, phase if weight_reuse_enabled() else "off"
     if _weight_phase == "fill":
         _fill_count += 1
     try:
