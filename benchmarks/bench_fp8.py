@@ -25,8 +25,8 @@
     2048 config of `v3_d2048.yaml` (4 x 4096), measured by `bench_fit.py`'s product rows (tokens of the timed steps over the
     MLflow timestamps of their metrics).
 
-Every run is a `lit-deepseek fit` subprocess (`bench_fit.fit_command`) with a hard time limit; no
-run starts after --budget-s.
+Every run is a `lit-deepseek fit` subprocess (`bench_fit.fit_command`) with a hard time limit, cut
+to end inside --budget-s; a speed run starts only with at least 90 s of the budget left.
 
     python benchmarks/bench_fp8.py --phases convergence --steps 1000 --concurrent --out $OUT/fp8
     python benchmarks/bench_fp8.py --phases convergence --steps 1000 --concurrent --resume --out $OUT/fp8  # continue
@@ -421,7 +421,10 @@ def main() -> None:
     ap.add_argument("--speed-steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4, help="speed: steps before timing starts")
     ap.add_argument("--run-limit-s", type=float, default=200, help="hard limit of one speed run")
-    ap.add_argument("--budget-s", type=float, default=560, help="no run starts after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=560,
+                    help="seconds for the whole invocation: a speed run starts only with at least 90 s of them "
+                         "left and is stopped 30 s before they end (a convergence run 60 s before); a speed "
+                         "run of the large config takes about 90 s")
     ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="cpu: smoke test on the demo model")
     ap.add_argument("--corpus", choices=["local", "builtin"], default=None,
                     help="convergence data: this Python installation's text files (default on gpu) or the "
