@@ -36,12 +36,16 @@ PROFILED_STEPS = 3  # Lightning's PyTorchProfiler default schedule: wait 1, warm
 FAMILIES = [
     ("Triton blockwise FP8 grouped GEMMs (routed experts)", r"^_grouped_(wgrad|mm_t)_kernel"),
     ("FP8 quantizers (Triton)", r"^_(quantize|rows)_\w*kernel"),
+    ("FP8 weight-block transposes (Triton)", r"^_transpose_kernel"),
     ("cuBLAS FP8 GEMMs", r"^nvjet_sm\d+_qq"),
     ("CUTLASS grouped GEMMs (routed experts)", r"^_ZN7cutlass"),
     ("cuBLAS bf16 GEMMs", r"^(nvjet_sm\d+_tst|sm90_xmma|ampere_|cutlass_80)"),
     ("cuDNN attention", r"^cudnn_generated"),
     ("multi-tensor kernels (AdamW, gradient clip)", r"multi_tensor_apply_kernel|^void at::native::\(anonymous namespace\)::multi_tensor"),
-    ("ATen elementwise (casts, copies, fills)", r"^void at::native::(unrolled_|vectorized_)?elementwise_kernel"),
+    # torch's generic kernel serves operands it cannot index linearly: copies of transposed or sliced views
+    ("ATen strided elementwise (copies of transposed or sliced views)", r"^void at::native::elementwise_kernel"),
+    ("ATen elementwise (casts, contiguous copies, fills, adds)",
+     r"^void at::native::(unrolled_|vectorized_)elementwise_kernel"),
     ("Inductor-generated kernels", r"^triton_(poi|red|per|tem)_"),
 ]
 
