@@ -885,7 +885,7 @@ def _gate_up_backward(g: Tensor, x: Tensor, w1: Tensor, w3: Tensor, product: Any
         dw1, dw3 = (wgrad(gq_t[rows], sg_t[rows], xq_t, sx_t) for rows in (slice(0, n), slice(n, 2 * n)))
     else:  # one product per weight: each gradient is written contiguous (slicing [..., 2N, K] would copy both)
         gb, xb = g.bfloat16(), x.bfloat16()
-        dw1, dw3 = (bf16_wgrad(gb[:, cols], xb) for cols in (slice(0, n), slice(n, 2 * n)))
+        dw1, dw3 = (bf16_wgrad(gb[..., cols], xb) for cols in (slice(0, n), slice(n, 2 * n)))
     return _fresh(dx, k, x.dtype), _fresh(dw1, k, w1.dtype), _fresh(dw3, k, w3.dtype)
 
 

@@ -132,7 +132,8 @@ def grouped_mm_t(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, offsets: Tensor
     """aq [M, Kp] e4m3 (1x128 scales sa [M, Kp/128]) with rows sorted by group; bq [E, Np, Kp] e4m3
     (128x128 scales sb [E, Np/128, Kp/128]) -> bf16 [M, Np], rows past offsets[-1] are zero.
     block_m: rows per program; None = 128 when groups average >= 256 rows, else 64. block_n: output
-    columns per program, 128 or 256 (256 only where Np is a multiple of it, else 128). num_warps
+    columns per program, 128 or 256 (256 only where Np is a multiple of it, else 128; 256 was slower at
+    every launch the probe tried on an H100, so the product keeps 128). num_warps
     (None: 8 for 128 rows, else 4) and num_stages: the launch's; `benchmarks/fp8_ops_probe.py --tiles`
     times the alternatives."""
     m, kp = aq.shape
