@@ -229,10 +229,10 @@ def _quantize_tiles_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stri
 
 @triton.jit
 def _quantize_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, T, C, stride_xt, stride_xc, stride_qt, stride_st,
-                          stride_sc, stride_qtc, stride_stc, stride_stt, ROWS: tl.constexpr):
+                          stride_sc, stride_qtc, stride_stc, stride_stt):
     """One 128x128 block (program: token block, channel block) of x [T, C], read once and quantized
-    twice: in 1x128 tiles along the channels (q [T, Cp], scales s [T, Cp/128]; skipped unless ROWS)
-    and along the tokens (qt [Cp, Tp] = the tiles of x.T, scales st [Cp, Tp/128]); zeros past T and C."""
+    twice: in 1x128 tiles along the channels (q [T, Cp], scales s [T, Cp/128]) and along the tokens
+    (qt [Cp, Tp] = the tiles of x.T, scales st [Cp, Tp/128]); zeros past T and C."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     toks = (pid_t * 128 + tl.arange(0, 128)).to(tl.int64)
@@ -240,11 +240,10 @@ def _quantize_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, T, C, stride_xt, 
     x = tl.load(x_ptr + toks[:, None] * stride_xt + cols[None, :] * stride_xc,
                 mask=(toks[:, None] < T) & (cols[None, :] < C), other=0.0).to(tl.float32)
     ax = tl.abs(x)
-    if ROWS:
-        scale, inv = _pow2_scales(tl.max(ax, axis=1))  # per token
-        q = _to_e4m3_bits(tl.clamp(x * scale[:, None], -448.0, 448.0))
-        tl.store(q_ptr + toks[:, None] * stride_qt + cols[None, :], q, mask=toks[:, None] < T)
-        tl.store(s_ptr + toks * stride_st + pid_c * stride_sc, inv, mask=toks < T)
+    scale, inv = _pow2_scales(tl.max(ax, axis=1))  # per token
+    q = _to_e4m3_bits(tl.clamp(x * scale[:, None], -448.0, 448.0))
+    tl.store(q_ptr + toks[:, None] * stride_qt + cols[None, :], q, mask=toks[:, None] < T)
+    tl.store(s_ptr + toks * stride_st + pid_c * stride_sc, inv, mask=toks < T)
     scale_t, inv_t = _pow2_scales(tl.max(ax, axis=0))  # per channel
     qt = _to_e4m3_bits(tl.clamp(x * scale_t[None, :], -448.0, 448.0))
     tl.store(qt_ptr + cols[None, :] * stride_qtc + toks[:, None], qt)
@@ -350,32 +349,29 @@ def quantize_1x128(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def quantize_1x128_t(x: Tensor) -> tuple[Tensor, Tensor]:
     """`lit_deepseek.kernels.fp8.quantize_1x128_t` in one kernel: x [T, N] -> the 1x128 tiles of x.T
-    with N padded to a multiple of 128: (e4m3 [Np, Tp], [Np, Tp/128]). x is read in its own order,
-    128x128 blocks at a time (`_quantize_dual_kernel` without its tiles along the channels): no copy
-    of x.T is made, which a weight gradient's x [4096, 2048] in bf16 would otherwise cost per product."""
-    return _dual(x, rows=False)[2:]
+    with N padded to a multiple of 128: (e4m3 [Np, Tp], [Np, Tp/128]). The tiles come from
+    `quantize_1x128_dual`, which reads x in its own order, 128x128 blocks at a time; its tiles along
+    the channels are written and dropped. That costs one byte per element, against the four of a
+    unit-stride copy of x.T (bf16) that `_tiles` would need first. A variant of the kernel that
+    skipped those tiles gave wrong bits for float32 x ([128, 256], [4096, 256]) on an H100 (Triton
+    3.6) while bf16 x came out right; the whole kernel gives the torch quantizer's bits for both."""
+    return quantize_1x128_dual(x)[2:]
 
 
 def quantize_1x128_dual(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`lit_deepseek.kernels.fp8.quantize_1x128_dual` in one kernel (x read once): x [T, C] ->
     (`quantize_1x128(x)`, `quantize_1x128_t(x)`), all scales column-major."""
-    return _dual(x, rows=True)
-
-
-def _dual(x: Tensor, rows: bool) -> tuple[Tensor, ...]:
-    """`_quantize_dual_kernel` over x [T, C]: (q, s, qt, st); q and s are empty [0, ...] unless rows."""
-    if x.stride(-1) != 1:  # unit-stride rows only, the reason `_tiles` gives
+    if x.stride(-1) != 1:  # unit-stride rows only, for the reason `_tiles` gives
         x = x.contiguous()
     t, c = x.shape
     tt, ct = -(-t // BLOCK), -(-c // BLOCK)
-    q = torch.empty(t if rows else 0, ct * BLOCK, device=x.device, dtype=torch.uint8)
-    s = torch.empty(ct, t if rows else 0, device=x.device, dtype=torch.float32).t()
+    q = torch.empty(t, ct * BLOCK, device=x.device, dtype=torch.uint8)
+    s = torch.empty(ct, t, device=x.device, dtype=torch.float32).t()
     qt = torch.empty(ct * BLOCK, tt * BLOCK, device=x.device, dtype=torch.uint8)
     st = torch.empty(tt, ct * BLOCK, device=x.device, dtype=torch.float32).t()
     if t and c:
         _quantize_dual_kernel[(tt, ct)](x, q, s, qt, st, t, c, x.stride(0), x.stride(1), q.stride(0), s.stride(0),
-                                        s.stride(1), qt.stride(0), st.stride(0), st.stride(1), ROWS=rows,
-                                        num_warps=8)
+                                        s.stride(1), qt.stride(0), st.stride(0), st.stride(1), num_warps=8)
     e4m3 = torch.float8_e4m3fn
     return q.view(e4m3), s, qt.view(e4m3), st
 
