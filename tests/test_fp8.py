@@ -990,6 +990,56 @@ def _triton_quantizer_mismatches(device: str) -> str:
     return proc.stdout.strip()
 
 
+def test_a_kernel_that_gives_other_bits_runs_its_reference_from_then_on_and_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fp8.checked_kernel`, the guard every Triton quantizer and block transpose takes on CUDA: the
+    first call at a signature is compared bit for bit with the torch reference. A kernel that flips
+    one bit is caught with a warning naming it and the signature; its output is never returned, and
+    that signature runs the reference without calling the kernel again. A kernel that agrees is
+    checked once per signature; inputs with inf are not checked; LIT_DEEPSEEK_FP8_CHECK=0 skips it."""
+    monkeypatch.setattr(fp8, "_checked", {})
+    monkeypatch.setattr(fp8, "_check_counts", {"checked": 0, "mismatched": 0})
+    monkeypatch.setattr(fp8, "_warned", set())
+    monkeypatch.delenv("LIT_DEEPSEEK_FP8_CHECK", raising=False)
+    torch.manual_seed(0)
+    x = (torch.randn(256, 384) * 10.0 ** torch.randint(-3, 3, (256, 1))).bfloat16()
+    calls = {"kernel": 0, "reference": 0}
+
+    def reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["reference"] += 1
+        return fp8.quantize_1x128(t)
+
+    def flips_a_bit(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["kernel"] += 1
+        q, s = fp8.quantize_1x128(t)
+        bits = q.view(torch.uint8).clone()
+        bits[7, 100] ^= 1
+        return bits.view(torch.float8_e4m3fn), s
+
+    want = fp8.quantize_1x128(x)
+    with pytest.warns(UserWarning, match=r"Triton kernel quantize_1x128 gave other bits .*bfloat16 \[256, 384\]"):
+        got = fp8.checked_kernel("quantize_1x128", (x,), flips_a_bit, reference)
+    assert fp8._same_bits(got, want)
+    assert fp8.fp8_kernel_checks() == {"checked": 1, "mismatched": 1}
+    got = fp8.checked_kernel("quantize_1x128", (x,), flips_a_bit, reference)
+    assert fp8._same_bits(got, want) and calls == {"kernel": 1, "reference": 2}
+
+    # a kernel that agrees: checked at its first signature only, then trusted
+    good = lambda t: (calls.__setitem__("kernel", calls["kernel"] + 1), fp8.quantize_1x128(t))[1]  # noqa: E731
+    y = x.float()[:200]
+    for _ in range(3):
+        assert fp8._same_bits(fp8.checked_kernel("quantize_1x128", (y,), good, reference), fp8.quantize_1x128(y))
+    assert calls == {"kernel": 4, "reference": 3} and fp8.fp8_kernel_checks() == {"checked": 2, "mismatched": 1}
+
+    # not checked: inputs holding inf (a kernel and its reference may place them differently), or the check off
+    z = y.clone()[:100]
+    z[3, 3] = float("inf")
+    fp8.checked_kernel("quantize_1x128", (z,), flips_a_bit, reference)
+    monkeypatch.setenv("LIT_DEEPSEEK_FP8_CHECK", "0")
+    fp8.checked_kernel("quantize_1x128", (x[:64],), flips_a_bit, reference)
+    assert fp8.fp8_kernel_checks() == {"checked": 2, "mismatched": 1} and calls["reference"] == 3
+
+
 @pytest.mark.skipif(not has_triton, reason="triton is not installed")
 def test_triton_quantizers_give_the_bits_of_the_torch_quantizers_interpreted() -> None:
     """The one-kernel Triton quantizers (run on CPU tensors under TRITON_INTERPRET=1) give exactly

@@ -98,6 +98,9 @@ def test_fit_on_gpu_fp8_with_accumulation_and_mtp(tmp_path: Path) -> None:
     assert "train/mtp_loss" in history
     # later micro-batches took the first one's FP8 weight blocks (LocalPlan's weight reuse)
     assert history["fp8/weight_reuse_hits"][-1][1] > 0 and history["fp8/kept_weight_gib"][-1][1] > 0
+    # every Triton quantizer and block transpose the run took gave its torch reference's bits
+    assert history["fp8/kernel_checks"][-1][1] > 0 and history["fp8/kernel_mismatches"][-1][1] == 0
+    assert "gave other bits" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_fit_on_gpu_resumes_into_the_same_run(tmp_path: Path) -> None:

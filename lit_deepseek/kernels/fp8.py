@@ -205,17 +205,78 @@ def _quant_backend() -> str:
     return "triton"
 
 
+# ---------------------------------------------------------------------------------- kernel check
+# The Triton quantizers and the block transpose give the torch reference's bits by construction,
+# and tests/test_fp8.py checks that on random inputs. Three times a Triton build miscompiled one of
+# them for some shapes and strides only (wrong e4m3 bits, no error), on a GPU, never under the
+# interpreter. So the first call of each kernel at a new signature (dtype, shape, strides, device)
+# is checked against the torch reference, bit for bit; a mismatch warns once, naming the kernel and
+# the signature, and that signature runs the reference from then on (right bits, slower), so a
+# miscompile cannot corrupt training silently. The check costs one reference computation and one
+# host sync per signature (a training run has a few dozen, all in its first step); none runs while a
+# CUDA graph is captured. LIT_DEEPSEEK_FP8_CHECK=0 turns it off.
+_CHECK_LIMIT = 1024  # signatures checked per process at most (shapes that change at every call stop here)
+_checked: dict[tuple, bool] = {}  # signature -> the Triton output matched the reference
+_check_counts = {"checked": 0, "mismatched": 0}
+_CHECKED_FINITE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _signature(name: str, *ts: Tensor) -> tuple:
+    return (name,) + tuple((t.dtype, tuple(t.shape), t.stride(), t.device) for t in ts)
+
+
+def _same_bits(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
+    def bits(t: Tensor) -> Tensor:
+        return t.view(torch.uint8) if t.dtype == E4M3 else t
+
+    return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and torch.equal(bits(x), bits(y))
+                                    for x, y in zip(a, b, strict=True))
+
+
+def checked_kernel(name: str, inputs: tuple[Tensor, ...], kernel: Any, reference: Any) -> tuple[Tensor, ...]:
+    """kernel(*inputs), or reference(*inputs) where the kernel has given other bits than the
+    reference at this signature (see the comment above). Inputs that are not all finite are not
+    checked (a kernel and its reference may place NaN differently)."""
+    key = _signature(name, *inputs)
+    ok = _checked.get(key)
+    if ok is False:
+        return reference(*inputs)
+    out = kernel(*inputs)
+    if ok or os.environ.get("LIT_DEEPSEEK_FP8_CHECK", "1") == "0" or len(_checked) >= _CHECK_LIMIT:
+        return out
+    if any(_capturing(t) for t in inputs) or not all(bool(torch.isfinite(t).all()) for t in inputs if t.dtype in _CHECKED_FINITE):
+        return out
+    ref = reference(*inputs)
+    ok = _checked[key] = _same_bits(tuple(out), tuple(ref))
+    _check_counts["checked"] += 1
+    if ok:
+        return out
+    _check_counts["mismatched"] += 1
+    shapes = ", ".join(f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} strides {list(t.stride())}" for t in inputs)
+    _warn_once(f"check:{key}", f"FP8: the Triton kernel {name} gave other bits than its torch reference for {shapes} "
+               f"on {torch.cuda.get_device_name(inputs[0].device) if inputs[0].is_cuda else inputs[0].device}; "
+               "this signature now runs the reference (slower). LIT_DEEPSEEK_FP8_QUANT=torch runs the reference "
+               "everywhere; please report the kernel, the signature and your triton version")
+    return ref
+
+
+def fp8_kernel_checks() -> dict[str, int]:
+    """Signatures checked so far by `checked_kernel`, and those whose Triton kernel gave other bits
+    than the reference (they run the reference now)."""
+    return dict(_check_counts)
+
+
 def _quantizer(name: str) -> Any:
     """The quantizer `name` of this module, or on CUDA tensors its one-kernel Triton version
-    (`fp8_triton`: the same bits, checked on random inputs by tests/test_fp8.py) unless
-    LIT_DEEPSEEK_FP8_QUANT=torch."""
+    (`fp8_triton`: the same bits, checked on random inputs by tests/test_fp8.py and at each new
+    signature by `checked_kernel`) unless LIT_DEEPSEEK_FP8_QUANT=torch."""
     plain = globals()[name]
 
     def call(t: Tensor) -> tuple[Tensor, Tensor]:
         if t.is_cuda and _quant_backend() == "triton":
             from lit_deepseek.kernels import fp8_triton
 
-            return getattr(fp8_triton, name)(t)
+            return checked_kernel(name, (t,), getattr(fp8_triton, name), plain)
         return plain(t)
 
     call.__name__ = call.__qualname__ = f"{name}_dispatch"
@@ -381,7 +442,12 @@ def transposed_blocks(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     if q.is_cuda and _quant_backend() == "triton":
         from lit_deepseek.kernels import fp8_triton
 
-        return fp8_triton.transposed_blocks(q, s)
+        return checked_kernel("transposed_blocks", (q, s), fp8_triton.transposed_blocks, _transposed_blocks)
+    return _transposed_blocks(q, s)
+
+
+def _transposed_blocks(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """`transposed_blocks` by torch's copy (the reference)."""
     qt = q.view(torch.uint8).transpose(-2, -1).contiguous().view(E4M3)
     return qt, s.transpose(-2, -1).contiguous()
 

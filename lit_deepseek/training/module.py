@@ -226,13 +226,17 @@ class DeepSeekLightningModule(L.LightningModule):
             # micro-batch graphs in use: 0 during the eager warm-up steps or when they are off
             metrics["train/cuda_graphs"] = float(graphs.captured if graphs is not None and graphs.off is None else 0)
         if t.use_fp8:
-            from lit_deepseek.kernels.fp8 import fp8_weight_cache_info
+            from lit_deepseek.kernels.fp8 import fp8_kernel_checks, fp8_weight_cache_info
 
             # the weight reuse across micro-batches: bytes of the kept blocks, and the later micro-batches'
             # lookups that found them (counted where Python runs: eager steps and graph captures, not replays)
             kept = fp8_weight_cache_info()
             metrics["fp8/kept_weight_gib"] = kept["bytes"] / 2**30
             metrics["fp8/weight_reuse_hits"] = float(kept["reused"])
+            # signatures at which a Triton FP8 kernel gave other bits than its reference (run by the reference since)
+            checks = fp8_kernel_checks()
+            metrics["fp8/kernel_checks"] = float(checks["checked"])
+            metrics["fp8/kernel_mismatches"] = float(checks["mismatched"])
         if t.compile:
             from torch._dynamo.utils import counters
 
