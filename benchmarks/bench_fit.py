@@ -232,7 +232,7 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"name": row.name, "error": " | ".join(tail)}
     hist = metric_history(run_dir, ["train/loss", "train/mfu", "train/max_memory_gib", "train/compiled_graphs",
-                                    "train/cuda_graphs"])
+                                    "train/cuda_graphs", "fp8/kernel_mismatches"])
     losses = hist["train/loss"]
     stamps = [m.timestamp / 1e3 for m in losses]
     cfg = row_config(row)
@@ -256,6 +256,8 @@ def run_product(row: Row, steps: int, warmup: int, work: Path, timeout_s: float)
         "compiled_graphs": [m.value for m in hist["train/compiled_graphs"]],
         "cuda_graphs": [m.value for m in hist["train/cuda_graphs"]],
         "step_s_median": statistics.median(step_times),
+        # FP8 kernel signatures that ran the torch reference after a bit mismatch (slower; see README)
+        "fp8_kernel_mismatches": hist["fp8/kernel_mismatches"][-1].value if hist["fp8/kernel_mismatches"] else None,
     }
     if row.checkpoint_every:
         saves = [i for i, m in enumerate(losses) if (m.step + 1) % row.checkpoint_every == 0]
@@ -329,6 +331,12 @@ def run_hf(config: str, seq: int, batch: int, compiled: bool, steps: int, warmup
 
 
 # ------------------------------------------------------------------------------------ report
+def label(r: dict[str, Any]) -> str:
+    """A row's name, flagged when FP8 kernels fell back to their reference (its speed is not the kernels')."""
+    n = r.get("fp8_kernel_mismatches")
+    return f"{r['name']} (FP8: {n:.0f} kernel signatures ran the reference)" if n else r["name"]
+
+
 def fmt(rows: list[dict[str, Any]]) -> str:
     head = ("| run | tokens/s | MFU (989) | step s | startup s | peak GiB | estimate GiB | ckpt stall s | "
             "compiled graphs (first, last) | CUDA graphs (last) | loss first -> last |")
@@ -343,7 +351,7 @@ def fmt(rows: list[dict[str, Any]]) -> str:
             continue
         graphs = r.get("compiled_graphs") or []
         lines.append(
-            f"| {r['name']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {f(r.get('step_s_median'), '.3f')} | "
+            f"| {label(r)} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {f(r.get('step_s_median'), '.3f')} | "
             f"{f(r.get('startup_s'), '.1f')} | {f(r.get('peak_gib'), '.1f')} | {f(r.get('estimate_gib'), '.1f')} | "
             f"{f(r.get('checkpoint_stall_s'), '.2f')} | {f'{graphs[0]:.0f}, {graphs[-1]:.0f}' if graphs else ''} | "
             f"{f(cuda[-1], '.0f') if (cuda := r.get('cuda_graphs')) else ''} | "

@@ -386,7 +386,7 @@ def speed(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> l
             if variant == "bf16":
                 base = r["tokens_per_s"]
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-            lines.append(f"| {config} | {row.name} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+            lines.append(f"| {config} | {bench_fit.label(r)} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
                          f"{r['peak_gib']:.1f} | {ratio} |")
             print(lines[-1], flush=True)
     (out / "fp8_speed.json").write_text(json.dumps(rows))
