@@ -993,10 +993,11 @@ def _triton_quantizer_mismatches(device: str) -> str:
 def test_a_kernel_that_gives_other_bits_runs_its_reference_from_then_on_and_says_so(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`fp8.checked_kernel`, the guard every Triton quantizer and block transpose takes on CUDA: the
-    first call at a signature is compared bit for bit with the torch reference. A kernel that flips
-    one bit is caught with a warning naming it and the signature; its output is never returned, and
-    that signature runs the reference without calling the kernel again. A kernel that agrees is
-    checked once per signature; inputs with inf are not checked; LIT_DEEPSEEK_FP8_CHECK=0 skips it."""
+    first call at a signature (the kernel variant) is compared bit for bit with the torch reference.
+    A kernel that flips one bit is caught with a warning naming it and the shapes; its output is never
+    returned, and that signature (other token counts of the variant too) runs the reference without
+    calling the kernel again. A kernel that agrees is checked once per signature; inputs with inf are
+    not checked; LIT_DEEPSEEK_FP8_CHECK=0 skips it."""
     monkeypatch.setattr(fp8, "_checked", {})
     monkeypatch.setattr(fp8, "_check_counts", {"checked": 0, "mismatched": 0})
     monkeypatch.setattr(fp8, "_warned", set())
@@ -1023,21 +1024,25 @@ def test_a_kernel_that_gives_other_bits_runs_its_reference_from_then_on_and_says
     assert fp8.fp8_kernel_checks() == {"checked": 1, "mismatched": 1}
     got = fp8.checked_kernel("quantize_1x128", (x,), flips_a_bit, reference)
     assert fp8._same_bits(got, want) and calls == {"kernel": 1, "reference": 2}
+    # another token count of the same kernel variant (multiples of 128 and 16 alike) is not trusted either
+    x2 = torch.cat([x, x])
+    assert fp8._same_bits(fp8.checked_kernel("quantize_1x128", (x2,), flips_a_bit, reference), fp8.quantize_1x128(x2))
+    assert calls == {"kernel": 1, "reference": 3}
 
     # a kernel that agrees: checked at its first signature only, then trusted
     good = lambda t: (calls.__setitem__("kernel", calls["kernel"] + 1), fp8.quantize_1x128(t))[1]  # noqa: E731
     y = x.float()[:200]
     for _ in range(3):
         assert fp8._same_bits(fp8.checked_kernel("quantize_1x128", (y,), good, reference), fp8.quantize_1x128(y))
-    assert calls == {"kernel": 4, "reference": 3} and fp8.fp8_kernel_checks() == {"checked": 2, "mismatched": 1}
+    assert calls == {"kernel": 4, "reference": 4} and fp8.fp8_kernel_checks() == {"checked": 2, "mismatched": 1}
 
     # not checked: inputs holding inf (a kernel and its reference may place them differently), or the check off
-    z = y.clone()[:100]
+    z = x.float()[:96].clone()  # a signature of its own (96 rows: a multiple of 16, not of 128)
     z[3, 3] = float("inf")
     fp8.checked_kernel("quantize_1x128", (z,), flips_a_bit, reference)
     monkeypatch.setenv("LIT_DEEPSEEK_FP8_CHECK", "0")
     fp8.checked_kernel("quantize_1x128", (x[:64],), flips_a_bit, reference)
-    assert fp8.fp8_kernel_checks() == {"checked": 2, "mismatched": 1} and calls["reference"] == 3
+    assert fp8.fp8_kernel_checks() == {"checked": 2, "mismatched": 1} and calls["reference"] == 4
 
 
 @pytest.mark.skipif(not has_triton, reason="triton is not installed")

@@ -209,20 +209,28 @@ def _quant_backend() -> str:
 # The Triton quantizers and the block transpose give the torch reference's bits by construction,
 # and tests/test_fp8.py checks that on random inputs. Three times a Triton build miscompiled one of
 # them for some shapes and strides only (wrong e4m3 bits, no error), on a GPU, never under the
-# interpreter. So the first call of each kernel at a new signature (dtype, shape, strides, device)
-# is checked against the torch reference, bit for bit; a mismatch warns once, naming the kernel and
-# the signature, and that signature runs the reference from then on (right bits, slower), so a
-# miscompile cannot corrupt training silently. The check costs one reference computation and one
-# host sync per signature (a training run has a few dozen, all in its first step); none runs while a
-# CUDA graph is captured. LIT_DEEPSEEK_FP8_CHECK=0 turns it off.
-_CHECK_LIMIT = 1024  # signatures checked per process at most (shapes that change at every call stop here)
+# interpreter. So the first call of each kernel at a new signature is checked against the torch
+# reference, bit for bit; a mismatch warns once, naming the kernel and the shapes, and that signature
+# runs the reference from then on (right bits, slower), so a miscompile cannot corrupt training
+# silently. A signature is what Triton compiles a separate kernel for, plus our tile boundaries: per
+# operand its dtype, device, whether its address is 16-byte aligned, and per dimension and stride
+# whether it is 1, a multiple of 16 or of 128. Token counts that change at every step (expert
+# parallelism) thus fall into a few signatures. The check costs one reference computation and one
+# host sync per signature (a training run has a few dozen, nearly all in its first step); none runs
+# while a CUDA graph is captured. LIT_DEEPSEEK_FP8_CHECK=0 turns it off.
+_CHECK_LIMIT = 1024  # signatures checked per process at most
 _checked: dict[tuple, bool] = {}  # signature -> the Triton output matched the reference
 _check_counts = {"checked": 0, "mismatched": 0}
 _CHECKED_FINITE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _signature(name: str, *ts: Tensor) -> tuple:
-    return (name,) + tuple((t.dtype, tuple(t.shape), t.stride(), t.device) for t in ts)
+    """The kernel variant `name` runs for the operands ts (see the comment above)."""
+    def kind(n: int) -> tuple[bool, bool, bool]:
+        return n == 1, n % 16 == 0, n % 128 == 0
+
+    return (name,) + tuple((t.dtype, t.device, t.data_ptr() % 16 == 0, tuple(map(kind, t.shape)),
+                            tuple(map(kind, t.stride()))) for t in ts)
 
 
 def _same_bits(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
@@ -235,8 +243,8 @@ def _same_bits(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
 
 def checked_kernel(name: str, inputs: tuple[Tensor, ...], kernel: Any, reference: Any) -> tuple[Tensor, ...]:
     """kernel(*inputs), or reference(*inputs) where the kernel has given other bits than the
-    reference at this signature (see the comment above). Inputs that are not all finite are not
-    checked (a kernel and its reference may place NaN differently)."""
+    reference at this signature (`_signature`; see the comment above). Inputs that are not all
+    finite are not checked (a kernel and its reference may place NaN differently)."""
     key = _signature(name, *inputs)
     ok = _checked.get(key)
     if ok is False:
