@@ -318,32 +318,31 @@ _WHOLE_ROW_MAX = 4096
 _WHOLE_ROW_ELEMENTS = 4096  # elements a program holds (BLOCK_R x BLOCK_C): <= 94 registers at 8 warps (sm_90)
 
 
-def _tiles(x: Tensor, rows_out: int) -> tuple[Tensor, Tensor]:
-    """x [R, C] -> (e4m3 [rows_out, Cp], float32 [rows_out, Cp/128]); rows >= R are zero. torch
-    copies x to unit-stride rows first when they are not (a transposed operand, one copy): read in
-    place, such an x.T gave wrong e4m3 bits for every bf16 x tried on an H100 (Triton 3.6; 227 to
-    4096 tokens, 256 to 2048 channels, a quarter of the values; float32 was right), which made the
-    FP8 weight gradients wrong on the GPU. `quantize_1x128_dual` writes the same tiles of x.T from x
-    read in its own order, and gave the torch quantizer's bits at all those shapes."""
+def _tiles(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [R, C] -> (e4m3 [R, Cp], float32 [R, Cp/128], scales column-major). torch copies x to
+    unit-stride rows first when they are not: read in place, a transposed bf16 x gave wrong e4m3
+    bits on an H100 (Triton 3.6; 227 to 4096 tokens, 256 to 2048 channels, a quarter of the values;
+    float32 was right), which made the FP8 weight gradients wrong on the GPU. The tiles of x.T come
+    from `quantize_1x128_dual` instead, which reads x in its own order."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     r, c = x.shape
     kt = -(-c // BLOCK)
-    rows_alloc = -(-rows_out // _ROWS) * _ROWS  # whole programs; the extra rows are dropped below
+    rows_alloc = -(-r // _ROWS) * _ROWS  # whole programs; the extra rows are dropped below
     q = torch.empty(rows_alloc, kt * BLOCK, device=x.device, dtype=torch.uint8)
     # scales column-major ([kt, rows] in memory), the layout cuBLAS block scaling takes for them
     s = torch.empty(kt, rows_alloc, device=x.device, dtype=torch.float32).t()
     if rows_alloc and kt:
         _quantize_tiles_kernel[(rows_alloc // _ROWS, kt)](x, q, s, r, c, x.stride(0), x.stride(1), q.stride(0),
                                                          s.stride(0), s.stride(1), BLOCK_R=_ROWS, num_warps=4)
-    return q[:rows_out].view(torch.float8_e4m3fn), s[:rows_out]
+    return q[:r].view(torch.float8_e4m3fn), s[:r]
 
 
 def quantize_1x128(x: Tensor) -> tuple[Tensor, Tensor]:
     """`lit_deepseek.kernels.fp8.quantize_1x128` in one kernel: x [..., K] -> (e4m3 [..., Kp], [..., Kp/128])."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    q, s = _tiles(x2, x2.shape[0])
+    q, s = _tiles(x2)
     return q.reshape(*lead, q.shape[-1]), s.reshape(*lead, s.shape[-1])
 
 
